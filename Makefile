@@ -1,0 +1,40 @@
+# Two commands do everything: `make run` (the default experiment) and `make test`.
+# Both create the virtual environment in .venv on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+# The CPU build of torch. On a GPU machine, install your CUDA build of torch into
+# .venv first (any 2.x from 2.4 on); setup keeps a torch that is already there.
+TORCH_SPEC ?= torch==2.13.0
+# Use a local MBPP copy when one sits beside the checkout; otherwise the workflow
+# downloads the pinned public file and checks its sha256.
+export LETI_MBPP_PATH ?= $(wildcard $(abspath ../shared/data/mbpp/mbpp.jsonl))
+
+.PHONY: setup run dry-run test lint clean
+
+setup: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES)
+
+dry-run: setup
+	$(BIN)/snakemake --cores $(CORES) --dry-run
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/snakemake --lint
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf results/* resources logs benchmarks .snakemake

