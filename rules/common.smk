@@ -8,7 +8,7 @@ from leti.layout import POLICY_PATTERN, parse_policy, policy_name
 
 def _validated_config():
     try:
-        return load_config(config, workflow.configfiles)
+        return load_config(config, workflow.configfiles, workflow.config_settings.config)
     except ConfigError as error:
         # A plain message, not a traceback into the Snakefile: the user needs the key.
         raise WorkflowError(str(error)) from None

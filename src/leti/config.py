@@ -124,17 +124,19 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _task_sets_exist(self) -> Config:
+        clashes = {"mbpp", "humaneval"} & set(self.data.custom)
+        if clashes:
+            raise ValueError(f"data.custom: {', '.join(sorted(clashes))} is a built-in dataset name")
         known = set(self.task_sets())
-        references = {"generate.tasks": [self.generate.tasks]}
-        references["evaluate.tasks"] = self.evaluate.tasks
-        references["data.limits"] = list(self.data.limits)
+        references = {
+            "generate.tasks": [self.generate.tasks],
+            "evaluate.tasks": self.evaluate.tasks,
+            "data.limits": list(self.data.limits),
+        }
         for key, names in references.items():
             for name in names:
                 if name not in known:
                     raise ValueError(f"{key}: unknown task set {name!r}; known: {', '.join(sorted(known))}")
-        clashes = {"mbpp", "humaneval"} & set(self.data.custom)
-        if clashes:
-            raise ValueError(f"data.custom: {', '.join(sorted(clashes))} is a built-in dataset name")
         return self
 
     def task_sets(self) -> list[str]:
@@ -188,16 +190,22 @@ def _missing_files(config: Config) -> list[str]:
     return problems
 
 
-def load_config(raw: dict[str, Any], config_files: Sequence[str | os.PathLike[str]] = ()) -> Config:
+def load_config(
+    raw: dict[str, Any],
+    config_files: Sequence[str | os.PathLike[str]] = (),
+    overrides: dict[str, Any] | None = None,
+) -> Config:
     """Validate a merged config dict, or raise ConfigError listing every problem.
 
-    `config_files` are the YAML files the dict came from; they are only used to
-    point each problem at a file and line.
+    `config_files` are the YAML files the dict came from and `overrides` the
+    values given with `--config`; both only serve to say where each bad key was set.
     """
     try:
         config = Config.model_validate(raw)
     except ValidationError as error:
-        problems = [_format_error(item, config_files) for item in error.errors(include_url=False)]
+        problems = [
+            _format_error(item, config_files, overrides or {}) for item in error.errors(include_url=False)
+        ]
         raise ConfigError(_report(problems)) from None
     problems = _missing_files(config)
     if problems:
@@ -217,7 +225,9 @@ def _report(problems: list[str]) -> str:
     return "invalid configuration:\n" + "\n".join(f"  - {problem}" for problem in problems)
 
 
-def _format_error(item: Any, config_files: Sequence[str | os.PathLike[str]]) -> str:
+def _format_error(
+    item: Any, config_files: Sequence[str | os.PathLike[str]], overrides: dict[str, Any]
+) -> str:
     location = [str(part) for part in item["loc"]]
     message = item["msg"]
     if item["type"] == "extra_forbidden":
@@ -227,9 +237,18 @@ def _format_error(item: Any, config_files: Sequence[str | os.PathLike[str]]) -> 
     key = ".".join(location)
     if not key:
         # A whole-model check (e.g. an unknown task set) already names its key in the message.
-        return message
-    where = _locate_key(location, config_files)
+        return message.removeprefix("Value error, ")
+    where = "--config" if _is_overridden(location, overrides) else _locate_key(location, config_files)
     return f"{key}: {message}" + (f"  [{where}]" if where else "")
+
+
+def _is_overridden(location: list[str], overrides: dict[str, Any]) -> bool:
+    node: Any = overrides
+    for part in location:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _locate_key(location: list[str], config_files: Sequence[str | os.PathLike[str]]) -> str | None:

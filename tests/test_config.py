@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_snakemake
+
+from leti.config import ConfigError, load_config, load_config_file
+
+
+@pytest.fixture
+def raw_config(mbpp_path: Path) -> dict:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["data"]["mbpp_path"] = str(mbpp_path)
+    return config
+
+
+def config_error(raw: dict, *files: Path, overrides: dict | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(raw, files, overrides)
+    return str(caught.value)
+
+
+def test_the_default_config_is_valid(raw_config: dict) -> None:
+    config = load_config(raw_config)
+    assert config.iterations == 2
+    assert set(config.experiments) == {"textual", "binary"}
+    assert config.used_task_sets() == ["mbpp/train", "mbpp/test", "humaneval/test"]
+
+
+def test_a_wrong_type_names_the_key_file_and_line(tmp_path: Path, mbpp_path: Path) -> None:
+    text = (REPO / "config.yaml").read_text().replace("iterations: 2", 'iterations: "two"')
+    text = text.replace("mbpp_path: null", f"mbpp_path: {mbpp_path}")
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    line = text.splitlines().index('iterations: "two"') + 1
+    with pytest.raises(ConfigError) as caught:
+        load_config_file(path)
+    assert f"iterations: Input should be a valid integer (got 'two')  [{path}:{line}]" in str(caught.value)
+
+
+def test_a_value_from_the_command_line_is_attributed_to_it(raw_config: dict) -> None:
+    raw_config["iterations"] = "two"
+    message = config_error(raw_config, REPO / "config.yaml", overrides={"iterations": "two"})
+    assert "iterations: Input should be a valid integer (got 'two')  [--config]" in message
+
+
+@pytest.mark.parametrize("value", [True, 2.5, -1])
+def test_iterations_must_be_a_non_negative_integer(raw_config: dict, value: object) -> None:
+    raw_config["iterations"] = value
+    assert "iterations:" in config_error(raw_config)
+
+
+def test_unknown_keys_are_named_at_every_depth(raw_config: dict) -> None:
+    raw_config["bogus"] = 1
+    raw_config["finetune"]["lr"] = 0.1
+    raw_config["experiments"]["textual"]["mode"] = "x"
+    message = config_error(raw_config)
+    assert "bogus: unknown key" in message
+    assert "finetune.lr: unknown key" in message
+    assert "experiments.textual.mode: unknown key" in message
+
+
+def test_nested_values_are_checked(raw_config: dict) -> None:
+    raw_config["generate"]["top_p"] = 1.5
+    raw_config["experiments"]["binary"]["feedback"] = "numeric"
+    raw_config["execute"]["backend"] = "podman"
+    message = config_error(raw_config)
+    assert "generate.top_p: Input should be less than or equal to 1 (got 1.5)" in message
+    assert "experiments.binary.feedback:" in message
+    assert "execute.backend:" in message
+
+
+def test_missing_files_are_named(raw_config: dict, tmp_path: Path) -> None:
+    raw_config["data"]["mbpp_path"] = str(tmp_path / "nope.jsonl")
+    raw_config["data"]["custom"] = {"mine": {"test": str(tmp_path / "mine.jsonl")}}
+    raw_config["model"]["source"] = str(tmp_path / "model.gguf")
+    message = config_error(raw_config)
+    assert f"data.mbpp_path: no such file: {tmp_path / 'nope.jsonl'}" in message
+    assert f"data.custom.mine.test: no such file: {tmp_path / 'mine.jsonl'}" in message
+    assert f"model.source: no such file or folder: {tmp_path / 'model.gguf'}" in message
+
+
+def test_the_mbpp_environment_variable_is_checked(
+    raw_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw_config["data"]["mbpp_path"] = None
+    monkeypatch.setenv("LETI_MBPP_PATH", str(tmp_path / "gone.jsonl"))
+    assert "$LETI_MBPP_PATH: no such file" in config_error(raw_config)
+    monkeypatch.delenv("LETI_MBPP_PATH")
+    assert load_config(raw_config).mbpp_path() is None
+
+
+def test_task_set_references_must_exist(raw_config: dict) -> None:
+    raw_config["evaluate"]["tasks"] = ["mbpp/test", "mbpp/dev"]
+    assert "evaluate.tasks: unknown task set 'mbpp/dev'" in config_error(raw_config)
+
+
+def test_custom_datasets_become_task_sets(raw_config: dict, tmp_path: Path) -> None:
+    (tmp_path / "mine.jsonl").write_text("")
+    raw_config["data"]["custom"] = {"mine": {"test": str(tmp_path / "mine.jsonl")}}
+    raw_config["evaluate"]["tasks"] = ["mine/test"]
+    raw_config["data"]["limits"] = {"mine/test": 5}
+    assert "mine/test" in load_config(raw_config).task_sets()
+    raw_config["data"]["custom"] = {"mbpp": {"test": str(tmp_path / "mine.jsonl")}}
+    assert "data.custom: mbpp is a built-in dataset name" in config_error(raw_config)
+
+
+def test_generation_settings_follow_the_reward_prefix_rules(raw_config: dict) -> None:
+    raw_config["evaluate"]["reward_prefix"] = "bad"
+    config = load_config(raw_config)
+    assert config.generation_settings("rollouts", 0).reward_prefix == "none"
+    assert config.generation_settings("eval", 0).reward_prefix == "none"
+    assert config.generation_settings("rollouts", 1).reward_prefix == "good"
+    eval_settings = config.generation_settings("eval", 2)
+    assert eval_settings.reward_prefix == "bad"
+    assert (eval_settings.n, eval_settings.temperature) == (config.evaluate.n, config.evaluate.temperature)
+    assert config.generation_settings("rollouts", 1).n == config.generate.n
+
+
+# The same checks through Snakemake: a bad config stops the run before any job starts.
+
+
+def assert_nothing_ran(workdir: Path) -> None:
+    assert not any((workdir / name).exists() for name in ("resources", "results", "logs", "benchmarks"))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("iterations=two", "iterations: Input should be a valid integer (got 'two')  [--config]"),
+        ("bogus=1", "bogus: unknown key"),
+        ("evaluate={'tasks': ['mbpp/dev']}", "evaluate.tasks: unknown task set 'mbpp/dev'"),
+    ],
+)
+def test_snakemake_refuses_a_bad_config(workdir: Path, override: str, expected: str) -> None:
+    result = run_snakemake(workdir, "--cores", "1", "--config", override)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert_nothing_ran(workdir)
+
+
+def test_snakemake_names_a_missing_mbpp_file(workdir: Path, tmp_path: Path) -> None:
+    config = (workdir / "config.yaml").read_text()
+    config = "\n".join(
+        "  mbpp_path: /nowhere/mbpp.jsonl" if line.startswith("  mbpp_path:") else line
+        for line in config.splitlines()
+    )
+    (workdir / "config.yaml").write_text(config)
+    result = run_snakemake(workdir, "--cores", "1")
+    assert result.returncode != 0
+    assert "data.mbpp_path: no such file: /nowhere/mbpp.jsonl" in result.stderr
+    assert_nothing_ran(workdir)

@@ -1,0 +1,115 @@
+"""The iteration DAG, read from Snakemake's own dry-run plan."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import run_snakemake
+
+
+@dataclass
+class Job:
+    rule: str
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+
+def planned_jobs(workdir: Path, *args: str) -> list[Job]:
+    result = run_snakemake(workdir, "--dry-run", "--cores", "2", *args)
+    assert result.returncode == 0, result.stderr
+    jobs: list[Job] = []
+    for line in result.stdout.splitlines():
+        if match := re.fullmatch(r"(?:local)?rule (\w+):", line):
+            jobs.append(Job(match.group(1)))
+        elif match := re.fullmatch(r"    (input|output): (.*)", line):
+            files = match.group(2).split(", ")
+            (jobs[-1].inputs if match.group(1) == "input" else jobs[-1].outputs).extend(files)
+    assert jobs, result.stdout
+    return jobs
+
+
+def producer(jobs: list[Job], path: str) -> Job:
+    (job,) = (job for job in jobs if path in job.outputs)
+    return job
+
+
+def rollout_samples(policy: str) -> str:
+    return f"results/{policy}/rollouts/mbpp/train/samples.jsonl"
+
+
+@pytest.mark.parametrize("iterations", [2, 10])
+def test_every_stage_runs_for_every_iteration(workdir: Path, iterations: int) -> None:
+    jobs = planned_jobs(workdir, "--config", f"iterations={iterations}")
+    counts = Counter(job.rule for job in jobs)
+    arms, eval_sets = 2, 2
+    assert counts["finetune"] == arms * iterations
+    assert counts["build_feedback"] == arms * iterations
+    # Rollouts: the base model's (shared by the arms) plus each arm's policies 1..N-1.
+    rollouts = 1 + arms * (iterations - 1)
+    evaluations = eval_sets * (1 + arms * iterations)
+    assert counts["generate"] == counts["execute"] == rollouts + evaluations
+    assert counts["evaluate"] == evaluations
+    assert counts["prepare_model"] == counts["build_sandbox"] == 1
+    for arm in ("textual", "binary"):
+        for iteration in range(1, iterations + 1):
+            assert f"results/{arm}/iter{iteration}/adapter" in {o for job in jobs for o in job.outputs}
+            for eval_set in ("mbpp/test", "humaneval/test"):
+                metrics = f"results/{arm}/iter{iteration}/eval/{eval_set}/metrics.json"
+                assert producer(jobs, metrics).rule == "evaluate"
+
+
+def test_iteration_i_generates_with_the_policy_of_iteration_i_minus_1(workdir: Path) -> None:
+    jobs = planned_jobs(workdir, "--config", "iterations=3")
+
+    # Iteration 1 trains on the base model's rollouts; that generate job needs no adapter.
+    base_rollouts = producer(jobs, rollout_samples("base"))
+    assert base_rollouts.rule == "generate"
+    assert "resources/models/base" in base_rollouts.inputs
+    assert not any("adapter" in path for path in base_rollouts.inputs)
+
+    for arm in ("textual", "binary"):
+        for iteration in (1, 2, 3):
+            previous = "base" if iteration == 1 else f"{arm}/iter{iteration - 1}"
+            feedback = producer(jobs, f"results/{arm}/iter{iteration}/feedback.jsonl")
+            assert rollout_samples(previous) in feedback.inputs
+            assert f"results/{previous}/rollouts/mbpp/train/executions.jsonl" in feedback.inputs
+
+            finetune = producer(jobs, f"results/{arm}/iter{iteration}/adapter")
+            assert f"results/{arm}/iter{iteration}/feedback.jsonl" in finetune.inputs
+            adapters = [path for path in finetune.inputs if path.endswith("/adapter")]
+            assert adapters == ([] if iteration == 1 else [f"results/{arm}/iter{iteration - 1}/adapter"])
+
+            if iteration > 1:
+                rollouts = producer(jobs, rollout_samples(previous))
+                assert f"results/{previous}/adapter" in rollouts.inputs
+                assert "resources/models/base" in rollouts.inputs
+
+            evaluation = producer(jobs, f"results/{arm}/iter{iteration}/eval/mbpp/test/samples.jsonl")
+            assert f"results/{arm}/iter{iteration}/adapter" in evaluation.inputs
+
+
+def test_iteration_0_is_shared_by_the_arms(workdir: Path) -> None:
+    jobs = planned_jobs(workdir)
+    base_jobs = [job for job in jobs if any(o.startswith("results/base/") for o in job.outputs)]
+    produced = Counter(output for job in base_jobs for output in job.outputs)
+    assert produced["results/base/eval/mbpp/test/metrics.json"] == 1
+    assert produced[rollout_samples("base")] == 1
+    assert all(count == 1 for count in produced.values())
+
+
+def test_zero_iterations_evaluates_only_the_base_model(workdir: Path) -> None:
+    jobs = planned_jobs(workdir, "--config", "iterations=0")
+    counts = Counter(job.rule for job in jobs)
+    assert counts["finetune"] == counts["build_feedback"] == 0
+    assert counts["evaluate"] == 2
+
+
+def test_a_gold_arm_trains_on_tasks_without_rollouts(workdir: Path) -> None:
+    jobs = planned_jobs(workdir, "--config", "experiments={'gold': {'feedback': 'gold'}}", "iterations=1")
+    feedback = producer(jobs, "results/gold/iter1/feedback.jsonl")
+    assert "resources/tasks/mbpp/train.jsonl" in feedback.inputs
+    assert not any("rollouts" in path for path in feedback.inputs)
