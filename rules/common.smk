@@ -2,7 +2,7 @@
 
 import json
 
-from leti.config import ConfigError, load_config
+from leti.config import ConfigError, MetricsSettings, load_config
 from leti.layout import POLICY_PATTERN, parse_policy, policy_name
 
 

@@ -9,7 +9,7 @@ rule evaluate:
     output:
         metrics="results/{policy}/eval/{dataset}/{split}/metrics.json",
     params:
-        settings=json.dumps({"k": LETI.evaluate.k}),
+        settings=MetricsSettings(k=LETI.evaluate.k).model_dump_json(),
     conda:
         "../envs/leti.yaml"
     log:
@@ -18,4 +18,4 @@ rule evaluate:
         "benchmarks/evaluate/{policy}/{dataset}/{split}.tsv"
     shell:
         "leti evaluate --tasks {input.tasks} --samples {input.samples} --executions {input.executions} "
-        "--output {output.metrics} --settings {params.settings:q} > {log} 2>&1"
+        "--policy {wildcards.policy} --output {output.metrics} --settings {params.settings:q} > {log} 2>&1"

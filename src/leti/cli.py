@@ -141,10 +141,22 @@ def finetune(
 
 @app.command()
 def evaluate(
-    tasks: InputFile, samples: InputFile, executions: InputFile, output: OutputPath, settings: Settings = "{}"
+    tasks: InputFile,
+    samples: InputFile,
+    executions: InputFile,
+    output: OutputPath,
+    policy: Annotated[str, typer.Option(help='"base" or "{experiment}/iter{i}".')],
+    settings: Settings = "{}",
 ) -> None:
     """Compute pass@k and error types for one policy on one task set."""
-    _not_built_yet("evaluate", 6)
+    from leti.config import MetricsSettings
+    from leti.evaluate import evaluate as evaluate_policy
+
+    metrics = evaluate_policy(
+        tasks, samples, executions, output, MetricsSettings.model_validate_json(settings), policy
+    )
+    rates = ", ".join(f"{name} {value:.3f}" for name, value in metrics.pass_at_k.items())
+    stderr.print(f"{policy} on {metrics.dataset}/{metrics.split}: {rates or 'no pass@k'} -> {output}")
 
 
 def main() -> None:

@@ -107,6 +107,12 @@ class GenerationSettings(SamplingConfig):
     reward_prefix: Literal["good", "bad", "none"]
 
 
+class MetricsSettings(Section):
+    """What `leti evaluate` receives."""
+
+    k: list[Count] = Field(default_factory=lambda: [1], min_length=1)
+
+
 class ExperimentConfig(Section):
     feedback: FeedbackMode = "textual"
 
