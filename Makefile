@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The rules call `leti`, so the environment's commands must be on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 CORES ?= 2
 # The CPU build of torch. On a GPU machine, install your CUDA build of torch into
 # .venv first (any 2.x from 2.4 on); setup keeps a torch that is already there.

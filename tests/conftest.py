@@ -24,12 +24,16 @@ def mbpp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return download_mbpp(tmp_path_factory.mktemp("mbpp") / "mbpp.jsonl")
 
 
-def run_snakemake(
-    workdir: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run the project's Snakefile with `workdir` as its working directory."""
-    snakemake = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
-    command = [snakemake, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the project's Snakefile with `workdir` as its working directory.
+
+    The environment's bin folder goes first on PATH, as an activated venv would put it:
+    the rules call `leti`.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    command = [shutil.which("snakemake", path=bin_dir) or "snakemake"]
+    command += ["--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
