@@ -2,8 +2,16 @@
 
 
 rule build_sandbox:
+    input:
+        unpack(sandbox_sources),
     output:
         "resources/sandbox/image.json",
+    params:
+        # Only what shapes the image: a new timeout must not rebuild it and rerun every execution.
+        settings=LETI.execute.model_dump_json(include={"image", "base_image", "python_image", "debootstrap_suite"}),
+    threads: job_threads("build_sandbox")
+    resources:
+        **job_resources("build_sandbox"),
     conda:
         "../envs/leti.yaml"
     log:
@@ -11,7 +19,8 @@ rule build_sandbox:
     benchmark:
         "benchmarks/build_sandbox.tsv"
     shell:
-        "leti sandbox build --output {output} > {log} 2>&1"
+        "leti sandbox build --dockerfile {input.dockerfile} --output {output} "
+        "--settings {params.settings:q} > {log} 2>&1"
 
 
 rule execute:
@@ -22,8 +31,11 @@ rule execute:
     output:
         executions="results/{policy}/{purpose}/{dataset}/{split}/executions.jsonl",
     params:
+        sandbox=optional_flag("sandbox"),
         settings=LETI.execute.model_dump_json(),
-    threads: workflow.cores
+    threads: job_threads("execute")
+    resources:
+        **job_resources("execute"),
     conda:
         "../envs/leti.yaml"
     log:
@@ -31,5 +43,5 @@ rule execute:
     benchmark:
         "benchmarks/execute/{policy}/{purpose}/{dataset}/{split}.tsv"
     shell:
-        "leti execute --tasks {input.tasks} --samples {input.samples} --output {output.executions} "
-        "--settings {params.settings:q} --threads {threads} > {log} 2>&1"
+        "leti execute --tasks {input.tasks} --samples {input.samples} {params.sandbox} "
+        "--output {output.executions} --settings {params.settings:q} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,26 @@
+"""Running untrusted programs: a dispatcher inside each sandbox, pools of sandboxes
+(`docker` containers or `local` bubblewrap), and LETI feedback text from the outcome."""
+
+from __future__ import annotations
+
+from leti.config import ExecuteConfig
+from leti.records import SandboxImage
+from leti.sandbox.base import RunResult, SandboxError, SandboxPool, run_programs
+
+__all__ = ["RunResult", "SandboxError", "SandboxPool", "open_pool", "run_programs"]
+
+
+def open_pool(settings: ExecuteConfig, size: int, image: SandboxImage | None = None) -> SandboxPool:
+    """A started pool of `size` sandboxes of the configured backend; close it (or use `with`)."""
+    if settings.backend == "docker":
+        if image is None:
+            raise SandboxError(
+                "the docker backend needs the image record that `leti sandbox build` writes "
+                "(resources/sandbox/image.json); pass it with --sandbox"
+            )
+        from leti.sandbox.docker_pool import DockerPool
+
+        return DockerPool(settings, image, size).open()
+    from leti.sandbox.local import LocalPool
+
+    return LocalPool(settings, size).open()

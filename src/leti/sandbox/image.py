@@ -1,0 +1,201 @@
+"""Building the sandbox image: envs/sandbox.Dockerfile on top of a base with Python.
+
+The base is the official Python image where a container registry is reachable. Where
+none is, a Debian base is made with `debootstrap` and `docker import` (about a minute).
+`execute.base_image` chooses: `registry`, `debootstrap`, or `auto`, which takes a base
+already in the engine, else tries the registry, else uses debootstrap.
+
+The image's tag is a hash of the Dockerfile, the dispatcher and the base image's id, so
+building again is a no-op until one of them changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import docker
+from docker.errors import APIError, BuildError, DockerException, ImageNotFound
+from docker.models.images import Image
+
+from leti.config import ExecuteConfig
+from leti.records import ExecutionStatus, SandboxImage
+from leti.sandbox.base import DISPATCHER_PATH, SandboxError, dispatcher_sha256
+from leti.sandbox.docker_pool import DockerPool, connect
+
+BASE_REPOSITORY = "leti-sandbox-base"
+BaseKind = Literal["registry", "debootstrap"]
+Log = Callable[[str], None]
+
+
+def build_image(settings: ExecuteConfig, dockerfile: Path, log: Log) -> SandboxImage:
+    """Build the sandbox image unless it exists already; check that it runs a program."""
+    client = connect()
+    base, kind = resolve_base(client, settings, log)
+    base_id = client.images.get(base).id
+    digest = hashlib.sha256()
+    for part in (dockerfile.read_bytes(), DISPATCHER_PATH.read_bytes(), base_id.encode()):
+        digest.update(hashlib.sha256(part).digest())
+    tag = f"{settings.image}:{digest.hexdigest()[:16]}"
+    try:
+        image = client.images.get(tag)
+        log(f"{tag} is up to date")
+        fresh = False
+    except ImageNotFound:
+        image = _docker_build(client, dockerfile, base, tag, log)
+        fresh = True
+    record = SandboxImage(
+        image=tag, image_id=image.id, base_image=base, base_kind=kind, dispatcher_sha256=dispatcher_sha256()
+    )
+    if fresh:
+        _smoke_test(settings, record)
+        log(f"built {tag} on {base} ({kind}); it runs programs")
+        _remove_older(client, settings.image, keep=image.id, log=log)
+    return record
+
+
+def _remove_older(client: docker.DockerClient, repository: str, keep: str, log: Log) -> None:
+    """Earlier builds hold another dispatcher, which the pool refuses: they only take space."""
+    for old in client.images.list(name=repository):
+        if old.id != keep:
+            try:
+                client.images.remove(old.id, force=False)
+                log(f"removed the outdated {', '.join(old.tags) or old.short_id}")
+            except APIError:
+                # Still used by a running container: the next build removes it.
+                pass
+
+
+def resolve_base(client: docker.DockerClient, settings: ExecuteConfig, log: Log) -> tuple[str, BaseKind]:
+    """The base image to build on, made available in the engine."""
+    official = settings.python_image
+    debian = f"{BASE_REPOSITORY}:{settings.debootstrap_suite}"
+    if settings.base_image == "registry":
+        if not _exists(client, official):
+            reason = _pull(client, official)
+            if reason:
+                raise SandboxError(
+                    f"cannot pull {official}: {reason}. Without a reachable registry, set "
+                    "execute.base_image: debootstrap (or auto)."
+                )
+        return official, "registry"
+    if settings.base_image == "debootstrap":
+        if not _exists(client, debian):
+            _debootstrap(client, settings.debootstrap_suite, log)
+        return debian, "debootstrap"
+    if _exists(client, official):
+        return official, "registry"
+    if _exists(client, debian):
+        return debian, "debootstrap"
+    log(f"pulling {official}")
+    reason = _pull(client, official)
+    if not reason:
+        return official, "registry"
+    log(f"cannot pull {official} ({reason}); making a Debian base with debootstrap instead")
+    _debootstrap(client, settings.debootstrap_suite, log)
+    return debian, "debootstrap"
+
+
+def _exists(client: docker.DockerClient, name: str) -> bool:
+    try:
+        client.images.get(name)
+    except ImageNotFound:
+        return False
+    return True
+
+
+def _pull(client: docker.DockerClient, name: str) -> str:
+    """Pull an image; the reason it failed, or "" on success."""
+    try:
+        client.images.pull(name)
+    except (APIError, DockerException) as error:
+        return str(error).strip()
+    return ""
+
+
+def _debootstrap(client: docker.DockerClient, suite: str, log: Log) -> None:
+    if shutil.which("debootstrap") is None:
+        raise SandboxError(
+            "no base image with Python is available and `debootstrap` is not installed to make one: "
+            "install it (`sudo apt-get install debootstrap`), or make a container registry reachable "
+            "(execute.base_image: registry)."
+        )
+    if os.geteuid() != 0:
+        raise SandboxError(
+            "making the base image with debootstrap needs root: run `sudo leti sandbox build` once "
+            "(or `make sandbox` as root), or make a container registry reachable."
+        )
+    log(f"debootstrap: a minimal Debian {suite} with python3 (about a minute)")
+    with tempfile.TemporaryDirectory(prefix="leti-debootstrap-") as work:
+        root = Path(work) / "rootfs"
+        # No mirror argument: debootstrap's own default.
+        _run(["debootstrap", "--variant=minbase", "--include=python3", suite, str(root)], log)
+        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for entry in (root / cache).glob("*"):
+                if entry.is_file():
+                    entry.unlink()
+        tarball = Path(work) / "rootfs.tar"
+        _run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(tarball), "."], log)
+        try:
+            client.api.import_image(src=str(tarball), repository=BASE_REPOSITORY, tag=suite)
+        except DockerException as error:
+            raise SandboxError(f"docker import of the debootstrap base failed: {error}") from None
+    log(f"imported {BASE_REPOSITORY}:{suite}")
+
+
+def _run(command: list[str], log: Log) -> None:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    tail: list[str] = []
+    for line in process.stdout:
+        log(line.rstrip())
+        tail = [*tail[-19:], line]
+    if process.wait() != 0:
+        raise SandboxError(f"`{' '.join(command)}` failed (exit {process.returncode}):\n{''.join(tail)}")
+
+
+def _docker_build(client: docker.DockerClient, dockerfile: Path, base: str, tag: str, log: Log) -> Image:
+    log(f"building {tag} from {dockerfile} on {base}")
+    with tempfile.TemporaryDirectory(prefix="leti-sandbox-context-") as context:
+        shutil.copyfile(dockerfile, Path(context) / "Dockerfile")
+        shutil.copyfile(DISPATCHER_PATH, Path(context) / "dispatcher.py")
+        try:
+            image, output = client.images.build(
+                path=context,
+                tag=tag,
+                buildargs={"BASE_IMAGE": base},
+                pull=False,
+                rm=True,
+                forcerm=True,
+                network_mode="none",
+            )
+        except BuildError as error:
+            steps = "".join(chunk.get("stream", "") for chunk in error.build_log)
+            raise SandboxError(f"building {tag} failed: {error.msg}\n{steps[-3000:]}") from None
+        except DockerException as error:
+            raise SandboxError(f"building {tag} failed: {error}") from None
+    for chunk in output:
+        if chunk.get("stream", "").strip():
+            log(chunk["stream"].rstrip())
+    return image
+
+
+def _smoke_test(settings: ExecuteConfig, record: SandboxImage) -> None:
+    checks = {
+        "assert sum(range(4)) == 6": ExecutionStatus.passed,
+        "assert sum(range(4)) == 7": ExecutionStatus.failed,
+    }
+    with DockerPool(settings, record, size=1) as pool:
+        for program, expected in checks.items():
+            result = pool.run(program)
+            if result.status != expected:
+                raise SandboxError(
+                    f"the new image {record.image} ran `{program}` with status {result.status.value}, "
+                    f"expected {expected.value}: {result.exception_type}: {result.exception_message}"
+                )
