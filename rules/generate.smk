@@ -12,7 +12,9 @@ rule generate:
     params:
         adapter=optional_flag("adapter"),
         settings=generation_settings,
-    threads: workflow.cores
+    threads: job_threads("generate")
+    resources:
+        **job_resources("generate"),
     conda:
         "../envs/leti.yaml"
     log:

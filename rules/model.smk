@@ -2,11 +2,16 @@
 
 
 rule prepare_model:
+    input:
+        source=model_source,
     output:
         directory("resources/models/base"),
     params:
-        settings=LETI.model.model_dump_json(),
-    threads: workflow.cores
+        # Only the source shapes the folder; model.dtype is applied when a policy runs.
+        settings=LETI.model.model_dump_json(include={"source"}),
+    threads: job_threads("prepare_model")
+    resources:
+        **job_resources("prepare_model"),
     conda:
         "../envs/leti.yaml"
     log:

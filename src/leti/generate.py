@@ -1,0 +1,407 @@
+"""Sampling completions from a policy: the base model plus, from iteration 1 on, a LoRA adapter.
+
+What the model continues is `reward token + prompt + "\\n"` (the newline only when the prompt does
+not already end with one). MBPP prompts end with the closing `\"\"\"` of a docstring; ending the
+input there would make the model produce the line break itself, splitting a token (`\"\"\"\\n`) the
+tokenizer normally keeps whole. The stored completion begins with that newline, so that
+`Problem.program(completion)` is exactly the text the model saw, without the reward token.
+
+The decoder is a continuous batch over a KV cache: a sequence leaves the batch the step it ends
+(end token, stop sequence or length) and the next prompts, sorted by length, take the free rows.
+Plain batched `generate` instead computes every finished row until the longest one ends.
+
+Sampling is per sample: each one draws its uniforms from its own generator, seeded from
+(seed, task_id, sample_index), so its tokens depend only on its own logits, not on which other
+samples share its batch. Rows are left-padded in the cache, so logits can still differ in their
+last bits with the batch; reruns with the same settings and threads are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from leti.config import Device, GenerationSettings, ModelDtype
+from leti.device import inference_dtype, resolve_device
+from leti.errors import LetiError
+from leti.io import read_jsonl, write_jsonl
+from leti.records import FinishReason, Problem, Sample
+from leti.special_tokens import RewardPrefix, reward_token
+
+log = logging.getLogger(__name__)
+
+# A refill prefills its prompts in one forward pass; waiting for a few free rows amortises it.
+REFILL_FRACTION = 4
+
+
+class GenerationError(LetiError):
+    """Generation that cannot run as asked."""
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    """`text` is what the model continues; `lead`, the end of it after the prompt, starts every completion."""
+
+    text: str
+    lead: str
+
+
+def policy_input(problem: Problem, prefix: RewardPrefix) -> PolicyInput:
+    lead = "" if problem.prompt.endswith("\n") else "\n"
+    return PolicyInput(reward_token(prefix) + problem.prompt + lead, lead)
+
+
+def remove_prefix(text: str, prefix: str) -> str:
+    """`text` without its leading `prefix`, which must be there: never a strip of characters."""
+    if not text.startswith(prefix):
+        raise GenerationError(f"expected text starting with {prefix!r}, got {text[: len(prefix) + 20]!r}")
+    return text[len(prefix) :]
+
+
+def stop_index(text: str, stop_sequences: Sequence[str]) -> int | None:
+    """Where the earliest stop sequence in `text` begins, or None."""
+    found = [index for stop in stop_sequences if stop and (index := text.find(stop)) >= 0]
+    return min(found, default=None)
+
+
+def sample_seed(seed: int, task_id: str, sample_index: int) -> int:
+    """A per-sample seed, stable across runs, machines and batch layouts."""
+    digest = hashlib.sha256(f"{seed}\0{task_id}\0{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def choose_tokens(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
+) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else inverse-CDF sampling with each row's uniform.
+
+    Drawing through a given uniform (not `torch.multinomial` on a shared generator) is what keeps
+    a row's choice independent of the other rows.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    order = None
+    if top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        # Keep the smallest set of most likely tokens whose mass reaches top_p.
+        probs = probs * ((probs.cumsum(dim=-1, dtype=torch.float64) - probs) < top_p)
+    # A float32 running sum over 150k entries drifts by more than the smallest probabilities.
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    targets = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, targets, right=True).clamp_max(cdf.shape[-1] - 1)
+    return (order.gather(-1, index) if order is not None else index).squeeze(-1)
+
+
+def load_policy(
+    model_dir: Path, adapter_dir: Path | None, dtype: ModelDtype = "auto", device: Device = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The prepared base model with the adapter merged in, in eval mode on `device` (leti.device)."""
+    target = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    # Merging in float32 keeps the LoRA delta exact before any rounding to bf16.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        except (ValueError, RuntimeError) as error:
+            raise GenerationError(
+                f"adapter {adapter_dir} does not fit the model {model_dir}: {error}"
+            ) from None
+    model.to(device=target, dtype=inference_dtype(dtype, target))
+    model.eval()
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sample to generate."""
+
+    problem: Problem
+    sample_index: int
+    seed: int
+    prompt_ids: tuple[int, ...]
+    lead: str
+
+
+@dataclass
+class _Row:
+    request: Request
+    uniforms: torch.Tensor
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    """The running sequences: row i of every tensor and of every cache layer belongs to rows[i]."""
+
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+
+    def take(self, index: list[int], rows: list[_Row]) -> _Batch:
+        """The tensor rows `index` (a row may repeat) as a batch of `rows`; cache columns that
+        no remaining row attends to are dropped."""
+        select = torch.tensor(index, device=self.mask.device)
+        mask = self.mask.index_select(0, select)
+        first = int(mask.any(dim=0).int().argmax())
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, select)[:, :, first:]
+            layer.values = layer.values.index_select(0, select)[:, :, first:]
+        return _Batch(
+            rows,
+            self.cache,
+            mask[:, first:],
+            self.positions.index_select(0, select),
+            self.logits.index_select(0, select),
+        )
+
+
+class Decoder:
+    """Continuous-batch sampling for one model and tokenizer."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: GenerationSettings
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.device = model.device
+        # A special token never belongs in a program: EOS, <|endoftext|>, the LETI tokens, FIM markers...
+        self.end_ids = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+        eos = model.generation_config.eos_token_id
+        self.end_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            self.end_ids.add(tokenizer.eos_token_id)
+        self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+    def requests(self, problems: Sequence[Problem]) -> list[Request]:
+        requests = []
+        for problem in problems:
+            model_input = policy_input(problem, self.settings.reward_prefix)
+            ids = tuple(self.tokenizer(model_input.text)["input_ids"])
+            for index in range(self.settings.n):
+                seed = sample_seed(self.settings.seed, problem.task_id, index)
+                requests.append(Request(problem, index, seed, ids, model_input.lead))
+        return requests
+
+    def run(
+        self, requests: Sequence[Request], on_done: Callable[[Sample], None] = lambda _: None
+    ) -> list[Sample]:
+        """Generate every request; samples come back in request order."""
+        # Longest first: similar lengths share a prefill, and the big prefills happen while the batch is full.
+        queue = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids))
+        results: dict[int, Sample] = {}
+        index_of = {id(request): i for i, request in enumerate(requests)}
+        batch: _Batch | None = None
+        size = self.settings.batch_size
+        refill_at = max(1, size // REFILL_FRACTION)
+        with torch.inference_mode():
+            while queue or batch is not None:
+                free = size - (len(batch.rows) if batch else 0)
+                if queue and (batch is None or free >= refill_at):
+                    taken, queue = queue[:free], queue[free:]
+                    batch = self._merge(batch, self._prefill([requests[i] for i in taken]))
+                assert batch is not None
+                chosen = self._choose(batch).tolist()
+                keep = []
+                for row_index, (row, token) in enumerate(zip(batch.rows, chosen, strict=True)):
+                    sample = self._advance(row, token)
+                    if sample is None:
+                        keep.append(row_index)
+                    else:
+                        results[index_of[id(row.request)]] = sample
+                        on_done(sample)
+                if not keep:
+                    batch = None
+                    continue
+                if len(keep) < len(batch.rows):
+                    batch = batch.take(keep, [batch.rows[i] for i in keep])
+                batch = self._step(batch, [batch.rows[i].tokens[-1] for i in range(len(batch.rows))])
+        return [results[i] for i in range(len(requests))]
+
+    def _advance(self, row: _Row, token: int) -> Sample | None:
+        """Append a token; the finished Sample when the row ends here."""
+        row.tokens.append(token)
+        if token in self.end_ids:
+            return self._sample(row, self._text(row.request, row.tokens[:-1]), "eos")
+        text = self._text(row.request, row.tokens)
+        cut = stop_index(text, row.request.problem.stop_sequences)
+        if cut is not None:
+            return self._sample(row, text[:cut], "stop")
+        if len(row.tokens) == self.settings.max_new_tokens:
+            return self._sample(row, text, "length")
+        return None
+
+    def _text(self, request: Request, tokens: list[int]) -> str:
+        """The completion so far: the lead plus the decoded tokens, exactly as they continue the input.
+
+        Decoding after the last input token and removing that token's own text keeps word-initial
+        spaces that some tokenizers (SentencePiece) drop at the start of a decode.
+        """
+        context = list(request.prompt_ids[-1:])
+        before = self._decode(context)
+        return request.lead + remove_prefix(self._decode(context + tokens), before)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _sample(self, row: _Row, completion: str, reason: FinishReason) -> Sample:
+        request = row.request
+        return Sample(
+            task_id=request.problem.task_id,
+            completion=completion,
+            policy_iteration=self.settings.policy_iteration,
+            sample_index=request.sample_index,
+            seed=request.seed,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(row.tokens),
+            finish_reason=reason,
+        )
+
+    def _choose(self, batch: _Batch) -> torch.Tensor:
+        uniforms = torch.stack([row.uniforms[len(row.tokens)] for row in batch.rows])
+        return choose_tokens(batch.logits, uniforms, self.settings.temperature, self.settings.top_p)
+
+    def _prefill(self, requests: Sequence[Request]) -> _Batch:
+        """Run new prompts through the model; samples of one prompt share a single prefill row."""
+        unique = list(dict.fromkeys(request.prompt_ids for request in requests))
+        width = max(len(ids) for ids in unique)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in unique], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in unique], device=self.device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        output = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        prompts = _Batch([], cache, mask, positions[:, -1] + 1, output.logits[:, -1])
+        where = {ids: i for i, ids in enumerate(unique)}
+        rows = [_Row(request, self._uniforms(request)) for request in requests]
+        return prompts.take([where[request.prompt_ids] for request in requests], rows)
+
+    def _uniforms(self, request: Request) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(request.seed)
+        return torch.rand(self.settings.max_new_tokens, generator=generator, dtype=torch.float64)
+
+    def _step(self, batch: _Batch, tokens: list[int]) -> _Batch:
+        mask = F.pad(batch.mask, (0, 1), value=1)
+        output = self.model(
+            input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1),
+            attention_mask=mask,
+            position_ids=batch.positions.unsqueeze(-1),
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
+        return _Batch(batch.rows, batch.cache, mask, batch.positions + 1, output.logits[:, -1])
+
+    def _merge(self, batch: _Batch | None, new: _Batch) -> _Batch:
+        """Both batches in one, left-padded to a common cache length."""
+        if batch is None:
+            return new
+        width = max(batch.mask.shape[1], new.mask.shape[1])
+        for old_layer, new_layer in zip(batch.cache.layers, new.cache.layers, strict=True):
+            old_layer.keys = _cat_left_padded(old_layer.keys, new_layer.keys, width, dim=2)
+            old_layer.values = _cat_left_padded(old_layer.values, new_layer.values, width, dim=2)
+        return _Batch(
+            batch.rows + new.rows,
+            batch.cache,
+            _cat_left_padded(batch.mask, new.mask, width, dim=1),
+            torch.cat([batch.positions, new.positions]),
+            torch.cat([batch.logits, new.logits]),
+        )
+
+
+def _cat_left_padded(first: torch.Tensor, second: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    def pad(tensor: torch.Tensor) -> torch.Tensor:
+        missing = width - tensor.shape[dim]
+        if missing == 0:
+            return tensor
+        # F.pad lists (left, right) pairs from the last dimension backwards.
+        spec = [0, 0] * (tensor.dim() - 1 - dim) + [missing, 0]
+        return F.pad(tensor, spec)
+
+    return torch.cat([pad(first), pad(second)], dim=0)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} samples/s" if speed else "- samples/s", style="progress.data.speed")
+
+
+def generate_file(
+    model_dir: Path,
+    tasks: Path,
+    output: Path,
+    settings: GenerationSettings,
+    adapter_dir: Path | None = None,
+    threads: int = 1,
+    console: Console | None = None,
+) -> list[Sample]:
+    """Sample every problem of a task file and write `samples.jsonl` (ordered by task, then sample)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(settings.seed)
+    problems = read_jsonl(tasks, Problem)
+    model, tokenizer = load_policy(model_dir, adapter_dir, settings.dtype, settings.device)
+    decoder = Decoder(model, tokenizer, settings)
+    requests = decoder.requests(problems)
+    log.info(
+        "%d problems x %d samples, %s on %s, %d thread(s), batch %d",
+        len(problems), settings.n, model.dtype, model.device, threads, settings.batch_size,
+    )  # fmt: skip
+    progress = Progress(
+        TextColumn("generate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TextColumn("{task.fields[tokens]} tokens"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+    )
+    generated = 0
+    with progress:
+        task = progress.add_task("generate", total=len(requests), tokens=0)
+
+        def done(sample: Sample) -> None:
+            nonlocal generated
+            generated += sample.completion_tokens
+            progress.update(task, advance=1, tokens=generated)
+
+        samples = decoder.run(requests, done)
+    write_jsonl(output, samples)
+    return samples

@@ -1,0 +1,310 @@
+"""Generation on a tiny random model: exact prefixes and stops, batching, seeds and LoRA policies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from leti.config import GenerationSettings
+from leti.generate import (
+    Decoder,
+    GenerationError,
+    choose_tokens,
+    generate_file,
+    load_policy,
+    policy_input,
+    remove_prefix,
+    sample_seed,
+    stop_index,
+)
+from leti.io import read_jsonl, write_jsonl
+from leti.model import prepare_model
+from leti.records import Problem, Sample
+from leti.special_tokens import GOOD
+
+CORPUS = '''"""
+Write a function to add two numbers.
+assert add(1, 2) == 3
+"""
+def add(a, b):
+    return a + b
+
+class Pair:
+    def __init__(self, left, right):
+        self.left = left
+        self.right = right
+print("<html>", "|", "good", "done")
+'''
+
+# Prompts that `str.lstrip("<|good|>")` would eat into: they start with d, <, g and |.
+PROMPTS = ['def double(x):\n    """Double x."""', "<html> to text", "good = 1\n", "|pipe| table"]
+
+
+def settings(**changes: object) -> GenerationSettings:
+    base = dict(
+        n=3,
+        temperature=0.8,
+        top_p=0.95,
+        max_new_tokens=12,
+        batch_size=4,
+        seed=7,
+        policy_iteration=0,
+        reward_prefix="good",
+        dtype="float32",
+    )
+    return GenerationSettings.model_validate({**base, **changes})
+
+
+def problem(index: int, prompt: str, stops: list[str] | None = None) -> Problem:
+    return Problem(
+        task_id=f"T/{index}",
+        dataset="t",
+        split="test",
+        prompt=prompt,
+        test_code="pass",
+        stop_sequences=stops or [],
+    )
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Qwen2 with a byte-level BPE tokenizer, prepared by `leti model prepare`'s code."""
+    root = tmp_path_factory.mktemp("tiny")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator([CORPUS] * 10, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        # Sharp logits: greedy choices are far from ties, and an end token is a real possibility.
+        initializer_range=0.3,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(root / "raw")
+    tokenizer.save_pretrained(root / "raw")
+    prepare_model(str(root / "raw"), root / "base")
+    return root / "base"
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tasks") / "tasks.jsonl"
+    write_jsonl(path, [problem(i, prompt) for i, prompt in enumerate(PROMPTS)])
+    return path
+
+
+def run(
+    base_model: Path, problems: list[Problem], adapter: Path | None = None, **changes: object
+) -> list[Sample]:
+    model, tokenizer = load_policy(base_model, adapter, "float32")
+    decoder = Decoder(model, tokenizer, settings(**changes))
+    return decoder.run(decoder.requests(problems))
+
+
+# --- exact prefixes and stops
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize(("prefix", "token"), [("good", GOOD), ("bad", "<|bad|>"), ("none", "")])
+def test_policy_input_prefixes_exactly(prompt: str, prefix: str, token: str) -> None:
+    model_input = policy_input(problem(0, prompt), prefix)
+    lead = "" if prompt.endswith("\n") else "\n"
+    assert model_input.text == token + prompt + lead
+    assert model_input.lead == lead
+    assert remove_prefix(model_input.text, token) == prompt + lead
+
+
+def test_remove_prefix_removes_the_prefix_not_its_characters() -> None:
+    assert remove_prefix("<|good|>good|<d", GOOD) == "good|<d"
+    assert remove_prefix("<|good|>", GOOD) == ""
+    with pytest.raises(GenerationError):
+        remove_prefix("good|<d", GOOD)
+
+
+def test_stop_index_finds_the_earliest_stop() -> None:
+    text = "\n    return x\nprint(f(1))\nassert f(1) == 1"
+    assert stop_index(text, ["\nassert", "\nprint"]) == text.index("\nprint")
+    assert stop_index(text, ["\nclass", ""]) is None
+    assert stop_index('\n"""more', ['\n"""']) == 0
+
+
+def test_choose_tokens_inverse_cdf() -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7]] * 3))
+    uniforms = torch.tensor([0.05, 0.15, 0.95], dtype=torch.float64)
+    assert choose_tokens(logits, uniforms, 1.0, 1.0).tolist() == [0, 1, 2]
+    assert choose_tokens(logits, uniforms, 0.0, 1.0).tolist() == [2, 2, 2]
+    # top_p 0.65 keeps only the most likely token; 0.75 keeps two, renormalised to 0.7 : 0.2.
+    assert choose_tokens(logits, uniforms, 1.0, 0.65).tolist() == [2, 2, 2]
+    assert choose_tokens(logits, torch.tensor([0.1, 0.77, 0.8], dtype=torch.float64), 1.0, 0.75).tolist() == [
+        2,
+        2,
+        1,
+    ]
+
+
+def test_sample_seeds_are_stable_and_distinct() -> None:
+    seeds = {sample_seed(0, f"MBPP/{t}", i) for t in range(20) for i in range(8)}
+    assert len(seeds) == 160
+    assert sample_seed(0, "MBPP/1", 0) == sample_seed(0, "MBPP/1", 0) != sample_seed(1, "MBPP/1", 0)
+
+
+def test_greedy_matches_plain_generate(base_model: Path) -> None:
+    """Batched, left-padded, refilled decoding gives what HF `generate` gives one prompt at a time."""
+    problems = [problem(i, prompt) for i, prompt in enumerate(PROMPTS)]
+    samples = run(base_model, problems, temperature=0.0, n=1, batch_size=3, max_new_tokens=16)
+    model, tokenizer = load_policy(base_model, None, "float32")
+    end_ids = sorted(Decoder(model, tokenizer, settings()).end_ids)
+    for item, sample in zip(problems, samples, strict=True):
+        model_input = policy_input(item, "good")
+        ids = tokenizer(model_input.text, return_tensors="pt")["input_ids"]
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=16, eos_token_id=end_ids, pad_token_id=end_ids[0]
+        )
+        new = model.generate(ids, generation_config=config)[0, ids.shape[1] :].tolist()
+        if new[-1] in end_ids:
+            new = new[:-1]
+        text = tokenizer.decode(new, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        assert sample.completion == model_input.lead + text
+        assert sample.prompt_tokens == ids.shape[1]
+        assert item.program(sample.completion) == model_input.text.removeprefix(GOOD) + text + "\npass"
+
+
+def test_stop_sequences_end_and_cut_exactly(base_model: Path) -> None:
+    free = run(base_model, [problem(0, PROMPTS[0])], temperature=0.0, n=1, max_new_tokens=16)[0]
+    assert free.finish_reason == "length"
+    text = free.completion
+    stop = text[5:8]
+    cut = run(base_model, [problem(0, PROMPTS[0], [stop])], temperature=0.0, n=1, max_new_tokens=16)[0]
+    assert cut.finish_reason == "stop"
+    assert cut.completion == text[: text.index(stop)]
+    assert cut.completion_tokens < free.completion_tokens
+    # A stop right at the start, across the newline the input ends with, leaves nothing.
+    at_once = run(base_model, [problem(0, PROMPTS[0], [text[:2]])], temperature=0.0, n=1)[0]
+    assert (at_once.completion, at_once.finish_reason, at_once.completion_tokens) == ("", "stop", 1)
+
+
+def test_an_end_token_ends_the_sample_and_is_not_text(base_model: Path) -> None:
+    model, tokenizer = load_policy(base_model, None, "float32")
+    decoder = Decoder(model, tokenizer, settings(temperature=0.0, n=1, max_new_tokens=16))
+    requests = decoder.requests([problem(0, PROMPTS[0])])
+    ids = torch.tensor([requests[0].prompt_ids])
+    config = GenerationConfig(do_sample=False, max_new_tokens=4, eos_token_id=sorted(decoder.end_ids))
+    tokens = model.generate(ids, generation_config=config)[0, ids.shape[1] :].tolist()
+    decoder.end_ids.add(tokens[3])
+    ended = decoder.run(requests)[0]
+    assert ended.finish_reason == "eos"
+    assert ended.completion == "\n" + tokenizer.decode(tokens[: tokens.index(tokens[3])])
+    assert ended.completion_tokens == tokens.index(tokens[3]) + 1
+
+
+# --- determinism and batching
+
+
+def test_same_seed_same_file_byte_for_byte(base_model: Path, tasks: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    generate_file(base_model, tasks, first, settings())
+    generate_file(base_model, tasks, second, settings())
+    assert first.read_bytes() == second.read_bytes()
+    other = tmp_path / "other.jsonl"
+    generate_file(base_model, tasks, other, settings(seed=8))
+    assert other.read_bytes() != first.read_bytes()
+
+
+def test_samples_do_not_depend_on_the_batch(base_model: Path) -> None:
+    problems = [problem(i, prompt) for i, prompt in enumerate(PROMPTS)]
+    alone = run(base_model, problems, batch_size=1)
+    together = run(base_model, problems, batch_size=5)
+    assert [s.completion for s in alone] == [s.completion for s in together]
+
+
+def test_samples_file_fields(base_model: Path, tasks: Path, tmp_path: Path) -> None:
+    output = tmp_path / "samples.jsonl"
+    generate_file(base_model, tasks, output, settings(policy_iteration=2, max_new_tokens=6))
+    samples = read_jsonl(output, Sample)
+    assert [(s.task_id, s.sample_index) for s in samples] == [
+        (f"T/{t}", i) for t in range(4) for i in range(3)
+    ]
+    for sample in samples:
+        assert sample.policy_iteration == 2
+        assert sample.seed == sample_seed(7, sample.task_id, sample.sample_index)
+        assert 1 <= sample.completion_tokens <= 6
+        assert sample.completion_tokens < 6 or sample.finish_reason == "length"
+        assert sample.completion.startswith("\n") or sample.task_id == "T/2"
+    first = json.loads(output.read_text().splitlines()[0])
+    assert {"task_id", "completion"} <= set(first)
+
+
+# --- LoRA policies
+
+
+def lora_adapter(base_model: Path, folder: Path, train_steps: int) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(base_model, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(base_model, local_files_only=True)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW(peft_model.parameters(), lr=1e-2)
+    text = tokenizer(GOOD + CORPUS, return_tensors="pt")["input_ids"]
+    torch.manual_seed(0)
+    for _ in range(train_steps):
+        loss = peft_model(input_ids=text, labels=text).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def test_zero_lora_is_the_base_model_and_a_trained_one_is_not(
+    base_model: Path, tasks: Path, tmp_path: Path
+) -> None:
+    base, zero, trained = (tmp_path / f"{name}.jsonl" for name in ("base", "zero", "trained"))
+    generate_file(base_model, tasks, base, settings())
+    generate_file(
+        base_model, tasks, zero, settings(), adapter_dir=lora_adapter(base_model, tmp_path / "z", 0)
+    )
+    assert zero.read_bytes() == base.read_bytes()
+    generate_file(
+        base_model, tasks, trained, settings(), adapter_dir=lora_adapter(base_model, tmp_path / "t", 5)
+    )
+    changed = [
+        a.completion != b.completion
+        for a, b in zip(read_jsonl(base, Sample), read_jsonl(trained, Sample), strict=True)
+    ]
+    assert sum(changed) >= len(changed) // 2
+
+
+def test_cli_generate(base_model: Path, tasks: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from leti.cli import app
+
+    output = tmp_path / "samples.jsonl"
+    command = ["generate", "--model", str(base_model), "--tasks", str(tasks), "--output", str(output)]
+    command += ["--settings", settings().model_dump_json(), "--threads", "1"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert len(read_jsonl(output, Sample)) == 12
