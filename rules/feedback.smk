@@ -12,6 +12,9 @@ rule build_feedback:
         samples=optional_flag("samples"),
         executions=optional_flag("executions"),
         settings=feedback_settings,
+    threads: job_threads("build_feedback")
+    resources:
+        **job_resources("build_feedback"),
     conda:
         "../envs/leti.yaml"
     log:

@@ -12,7 +12,11 @@ rule finetune:
     params:
         previous_adapter=optional_flag("previous_adapter"),
         settings=finetune_settings,
-    threads: workflow.cores
+        # Not an output: Snakemake would delete it when the job fails, and it is what a rerun resumes from.
+        checkpoints="results/{experiment}/iter{iteration}/checkpoints",
+    threads: job_threads("finetune")
+    resources:
+        **job_resources("finetune"),
     conda:
         "../envs/leti.yaml"
     log:
@@ -21,5 +25,6 @@ rule finetune:
         "benchmarks/finetune/{experiment}/iter{iteration}.tsv"
     shell:
         "leti finetune --model {input.model} {params.previous_adapter} --feedback {input.feedback} "
-        "--output {output.adapter} --log {output.train_log} --settings {params.settings:q} "
+        "--output {output.adapter} --log {output.train_log} --checkpoint-dir {params.checkpoints} "
+        "--settings {params.settings:q} "
         "--threads {threads} > {log} 2>&1"

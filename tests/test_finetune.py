@@ -1,0 +1,316 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from leti.config import FeedbackSettings, FinetuneSettings, RegularizerConfig
+from leti.feedback import build_feedback, training_text
+from leti.finetune import finetune, interleave, plan_epoch
+from leti.io import read_jsonl, write_jsonl
+from leti.records import Execution, ExecutionStatus, FeedbackExample, Problem, Sample, TrainStep
+
+# --- feedback texts
+
+
+PROBLEM = Problem(
+    task_id="MBPP/2",
+    dataset="mbpp",
+    split="train",
+    prompt='"""\nAdd two numbers.\nassert add(1, 2) == 3\n"""',
+    test_code="assert add(1, 2) == 3",
+    reference_solution="def add(a, b):\n    return a + b",
+)
+PASSING = "\ndef add(a, b):\n    return a + b\n"
+FAILING = "\ndef add(a, b):\n    return a - b\n"
+ASSERTION_FEEDBACK = 'Traceback (most recent call last):\n  File "program.py", line 7, in <module>\n    assert add(1, 2) == 3\nAssertionError'
+
+
+def sample(index: int, completion: str) -> Sample:
+    return Sample(
+        task_id="MBPP/2",
+        completion=completion,
+        policy_iteration=0,
+        sample_index=index,
+        seed=0,
+        prompt_tokens=9,
+        completion_tokens=12,
+        finish_reason="stop",
+    )
+
+
+def execution(index: int, status: str, feedback: str = "") -> Execution:
+    return Execution(
+        task_id="MBPP/2",
+        sample_index=index,
+        status=ExecutionStatus(status),
+        exception_type="AssertionError" if status == "failed" else None,
+        feedback=feedback,
+        duration_s=0.01,
+    )
+
+
+@pytest.fixture
+def rollouts(tmp_path: Path) -> dict[str, Path]:
+    paths = {name: tmp_path / f"{name}.jsonl" for name in ("tasks", "samples", "executions")}
+    write_jsonl(paths["tasks"], [PROBLEM])
+    write_jsonl(paths["samples"], [sample(0, PASSING), sample(1, FAILING), sample(2, FAILING)])
+    write_jsonl(
+        paths["executions"],
+        [
+            execution(0, "passed"),
+            execution(1, "failed", ASSERTION_FEEDBACK),
+            execution(2, "sandbox_error", "docker went away"),
+        ],
+    )
+    return paths
+
+
+def feedback_texts(rollouts: dict[str, Path], mode: str, tmp_path: Path) -> list[FeedbackExample]:
+    output = tmp_path / f"feedback-{mode}.jsonl"
+    build_feedback(
+        rollouts["tasks"],
+        output,
+        FeedbackSettings(mode=mode),
+        count_tokens=len,
+        samples=rollouts["samples"],
+        executions=rollouts["executions"],
+    )
+    return read_jsonl(output, FeedbackExample)
+
+
+def test_textual_feedback_texts_are_exact(rollouts, tmp_path: Path) -> None:
+    passed, failed = feedback_texts(rollouts, "textual", tmp_path)
+    assert (
+        passed.text
+        == '<|good|>"""\nAdd two numbers.\nassert add(1, 2) == 3\n"""\ndef add(a, b):\n    return a + b\n'
+    )
+    assert failed.text == (
+        "<|bad|><|lang_feedback|>Traceback (most recent call last):\n"
+        '  File "program.py", line 7, in <module>\n'
+        "    assert add(1, 2) == 3\n"
+        "AssertionError<|/lang_feedback|>"
+        '"""\nAdd two numbers.\nassert add(1, 2) == 3\n"""\ndef add(a, b):\n    return a - b\n'
+    )
+    assert (passed.reward, failed.reward) == ("good", "bad")
+    assert (passed.sample_index, failed.sample_index) == (0, 1)
+    assert failed.num_tokens == len(failed.text)
+    assert failed.text[failed.program_offset :] == FAILING
+
+
+def test_binary_feedback_keeps_only_the_reward_token(rollouts, tmp_path: Path) -> None:
+    passed, failed = feedback_texts(rollouts, "binary", tmp_path)
+    assert (
+        passed.text
+        == '<|good|>"""\nAdd two numbers.\nassert add(1, 2) == 3\n"""\ndef add(a, b):\n    return a + b\n'
+    )
+    assert (
+        failed.text
+        == '<|bad|>"""\nAdd two numbers.\nassert add(1, 2) == 3\n"""\ndef add(a, b):\n    return a - b\n'
+    )
+
+
+def test_gold_feedback_trains_on_reference_solutions(rollouts, tmp_path: Path) -> None:
+    (gold,) = feedback_texts(rollouts, "gold", tmp_path)
+    assert (
+        gold.text
+        == '<|good|>"""\nAdd two numbers.\nassert add(1, 2) == 3\n"""\ndef add(a, b):\n    return a + b'
+    )
+    assert (gold.sample_index, gold.reward, gold.mode) == (None, "good", "gold")
+
+
+def test_timeouts_are_failures_with_their_reason() -> None:
+    timeout = Execution(
+        task_id="MBPP/2",
+        sample_index=0,
+        status=ExecutionStatus.timeout,
+        feedback="Timeout: 10 s",
+        duration_s=10,
+    )
+    assert training_text("textual", PROBLEM, FAILING, timeout).startswith(
+        '<|bad|><|lang_feedback|>Timeout: 10 s<|/lang_feedback|>"""'
+    )
+
+
+# --- batching
+
+
+def test_epochs_are_shuffled_length_grouped_and_complete() -> None:
+    lengths = [5, 50, 6, 51, 7, 52, 8, 53] * 4
+    batches = plan_epoch(lengths, batch_size=4, seed=1)
+    assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+    spreads = [max(lengths[i] for i in batch) - min(lengths[i] for i in batch) for batch in batches]
+    assert max(spreads) <= 3
+    assert plan_epoch(lengths, 4, seed=1) == batches
+    assert plan_epoch(lengths, 4, seed=2) != batches
+
+
+@pytest.mark.parametrize(("ratio", "expected"), [(0.0, 0), (0.5, 2), (1.0, 4), (2.0, 8)])
+def test_regularizer_batches_follow_the_ratio(ratio: float, expected: int) -> None:
+    schedule = interleave(4, ratio)
+    assert schedule.count(False) == 4
+    assert schedule.count(True) == expected
+    if ratio == 1.0:
+        assert schedule == [False, True] * 4
+
+
+# --- training a tiny model
+
+
+@pytest.fixture
+def feedback_file(rollouts, tmp_path: Path) -> Path:
+    examples = read_jsonl(rollouts["samples"], Sample)
+    executions = read_jsonl(rollouts["executions"], Execution)
+    records = []
+    for copy in range(4):
+        for s, e in zip(examples[:2], executions[:2], strict=True):
+            text = training_text("textual", PROBLEM, s.completion, e)
+            records.append(
+                FeedbackExample(
+                    task_id=f"MBPP/{copy}",
+                    sample_index=s.sample_index,
+                    mode="textual",
+                    reward="good" if e.status is ExecutionStatus.passed else "bad",
+                    num_tokens=1,
+                    program_offset=len(text) - len(s.completion),
+                    text=text,
+                )
+            )
+    path = tmp_path / "feedback.jsonl"
+    write_jsonl(path, records)
+    return path
+
+
+def settings(**overrides) -> FinetuneSettings:
+    values = dict(
+        learning_rate=5e-3,
+        epochs=3,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        dtype="float32",
+        checkpoint_every=1,
+        seed=3,
+    )
+    return FinetuneSettings(**{**values, **overrides})
+
+
+def adapter_weights(adapter: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(adapter / "adapter_model.safetensors")
+
+
+def test_loss_falls_and_the_log_has_every_step(tiny_model: Path, feedback_file: Path, tmp_path: Path) -> None:
+    log = finetune(
+        tiny_model,
+        feedback_file,
+        tmp_path / "adapter",
+        tmp_path / "log.jsonl",
+        settings(epochs=8, learning_rate=5e-2),
+    )
+    # 8 examples / batch 2 = 4 batches an epoch, 2 batches a step: 2 steps an epoch.
+    assert [step.step for step in log] == list(range(1, 17))
+    assert [step.epoch for step in log] == [epoch for epoch in range(8) for _ in range(2)]
+    assert read_jsonl(tmp_path / "log.jsonl", TrainStep) == log
+    first, last = sum(s.loss for s in log[:2]) / 2, sum(s.loss for s in log[-2:]) / 2
+    assert last < 0.8 * first
+    assert all(step.tokens > 0 and step.tokens_per_s > 0 for step in log)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4
+    assert config["trainable_token_indices"]
+
+
+def test_iteration_2_starts_from_the_adapter_of_iteration_1(
+    tiny_model: Path, feedback_file: Path, tmp_path: Path
+) -> None:
+    first = tmp_path / "iter1"
+    finetune(tiny_model, feedback_file, first, tmp_path / "log1.jsonl", settings(epochs=1))
+    # With a zero learning rate nothing moves, so the saved adapter is exactly what training started from.
+    frozen = tmp_path / "iter2-frozen"
+    finetune(
+        tiny_model,
+        feedback_file,
+        frozen,
+        tmp_path / "log2.jsonl",
+        settings(learning_rate=1e-12, weight_decay=0),
+        previous_adapter=first,
+    )
+    start, again = adapter_weights(first), adapter_weights(frozen)
+    assert start.keys() == again.keys()
+    assert all(torch.allclose(start[name], again[name], atol=1e-8) for name in start)
+    fresh = tmp_path / "fresh-frozen"
+    finetune(
+        tiny_model,
+        feedback_file,
+        fresh,
+        tmp_path / "log3.jsonl",
+        settings(learning_rate=1e-12, weight_decay=0),
+    )
+    assert any(not torch.allclose(start[n], adapter_weights(fresh)[n]) for n in start if "lora_B" in n)
+
+
+def test_a_killed_run_resumes_to_the_same_adapter(
+    tiny_model: Path, feedback_file: Path, tmp_path: Path
+) -> None:
+    reference = tmp_path / "reference"
+    finetune(
+        tiny_model,
+        feedback_file,
+        reference,
+        tmp_path / "ref-log.jsonl",
+        settings(),
+        checkpoint_dir=tmp_path / "ref-ckpt",
+    )
+
+    output, log, checkpoints = tmp_path / "adapter", tmp_path / "log.jsonl", tmp_path / "ckpt"
+    # SIGKILL from inside the training loop, right after step 3 was checkpointed: no cleanup runs.
+    killer = textwrap.dedent(
+        f"""
+        import os, signal
+        from leti.config import FinetuneSettings
+        from leti.finetune import finetune
+
+        def die(step):
+            if step.step == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        finetune({str(tiny_model)!r}, {str(feedback_file)!r}, {str(output)!r}, {str(log)!r},
+                 FinetuneSettings.model_validate_json({settings().model_dump_json()!r}),
+                 checkpoint_dir={str(checkpoints)!r}, on_step=die)
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert not output.exists() and not log.exists()
+    assert (checkpoints / "checkpoint.pt").exists()
+
+    resumed_log = finetune(tiny_model, feedback_file, output, log, settings(), checkpoint_dir=checkpoints)
+    reference_log = read_jsonl(tmp_path / "ref-log.jsonl", TrainStep)
+    assert [s.step for s in resumed_log] == [s.step for s in reference_log]
+    assert [s.loss for s in resumed_log] == pytest.approx([s.loss for s in reference_log], rel=1e-5)
+    expected, got = adapter_weights(reference), adapter_weights(output)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+    assert not (checkpoints / "checkpoint.pt").exists()
+
+
+def test_the_regularizer_adds_stdlib_batches(tiny_model: Path, feedback_file: Path, tmp_path: Path) -> None:
+    plain = finetune(tiny_model, feedback_file, tmp_path / "a", tmp_path / "a.jsonl", settings(epochs=1))
+    mixed = finetune(
+        tiny_model,
+        feedback_file,
+        tmp_path / "b",
+        tmp_path / "b.jsonl",
+        settings(epochs=1, regularizer=RegularizerConfig(ratio=1.0, block_tokens=16)),
+    )
+    assert len(mixed) == 2 * len(plain)
+    assert sum(step.tokens for step in mixed) == sum(step.tokens for step in plain) + 4 * 2 * 16
