@@ -1,0 +1,27 @@
+# The arm-by-iteration summary, its plots, and the figures of `snakemake --report`.
+
+
+rule summarize:
+    input:
+        metrics=all_metrics(),
+        train_logs=all_train_logs(),
+    output:
+        csv=report("results/summary.csv", category="Summary", caption="report/summary.rst"),
+        pass_at_k=report("results/plots/pass_at_k.png", category="Summary", caption="report/pass_at_k.rst"),
+        error_types=report("results/plots/error_types.png", category="Summary", caption="report/error_types.rst"),
+        loss=report("results/plots/training_loss.png", category="Summary", caption="report/training_loss.rst"),
+    params:
+        train_logs=lambda wildcards, input: " ".join(f"--train-log {path}" for path in input.train_logs),
+    threads: job_threads("summarize")
+    resources:
+        **job_resources("summarize"),
+    conda:
+        "../envs/leti.yaml"
+    log:
+        "logs/summarize.log",
+    benchmark:
+        "benchmarks/summarize.tsv"
+    shell:
+        "leti summarize {input.metrics} {params.train_logs} --csv {output.csv} "
+        "--pass-at-k-plot {output.pass_at_k} --error-types-plot {output.error_types} "
+        "--loss-plot {output.loss} > {log} 2>&1"

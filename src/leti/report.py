@@ -1,0 +1,285 @@
+"""What a researcher reads afterwards: the summary table, its plots, and a look inside any artifact."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from leti.io import ArtifactError, read_json, read_jsonl
+from leti.layout import parse_policy
+from leti.records import Execution, FeedbackExample, Metrics, Problem, Sample, TrainStep
+
+SUMMARY_COLUMNS = ["experiment", "policy", "iteration", "dataset", "split", "metric", "value"]
+
+
+# --- the summary table
+
+
+def metrics_rows(metrics: Metrics, experiments: Sequence[str]) -> list[dict]:
+    """Long-format rows of one metrics.json. The base model's rows are repeated for every arm,
+    so that each arm's curve starts at iteration 0."""
+    experiment, iteration = parse_policy(metrics.policy)
+    arms = [experiment] if experiment is not None else list(experiments)
+    values = {
+        **metrics.pass_at_k,
+        "num_problems": metrics.num_problems,
+        "num_samples": metrics.num_samples,
+        "mean_completion_tokens": metrics.mean_completion_tokens,
+        **{f"outcome:{name}": count for name, count in metrics.error_types.items()},
+    }
+    return [
+        {
+            "experiment": arm,
+            "policy": metrics.policy,
+            "iteration": iteration,
+            "dataset": metrics.dataset,
+            "split": metrics.split,
+            "metric": name,
+            "value": float(value),
+        }
+        for arm in arms
+        for name, value in values.items()
+    ]
+
+
+def summary_table(metrics_paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
+    """arm by iteration by dataset by metric, one row each."""
+    documents = [read_json(path, Metrics) for path in metrics_paths]
+    experiments = sorted({e for d in documents if (e := parse_policy(d.policy)[0]) is not None}) or ["base"]
+    rows = [row for document in documents for row in metrics_rows(document, experiments)]
+    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    return table.sort_values(["experiment", "dataset", "split", "iteration", "metric"], ignore_index=True)
+
+
+def pass_at_k_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm and iteration, one column per task set and pass@k."""
+    rates = summary[summary["metric"].str.startswith("pass@")].copy()
+    rates["column"] = rates["dataset"] + "/" + rates["split"] + " " + rates["metric"]
+    return rates.pivot_table(
+        index=["experiment", "iteration"], columns="column", values="value"
+    ).reset_index()
+
+
+def training_logs(paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
+    """Steps of every train_log.jsonl, labelled with the policy its folder names (results/{arm}/iter{i}/)."""
+    frames = []
+    for path in paths:
+        folder = Path(path).parent
+        steps = read_jsonl(path, TrainStep)
+        frame = pd.DataFrame([step.model_dump() for step in steps])
+        frame["experiment"], frame["iteration"] = parse_policy(f"{folder.parent.name}/{folder.name}")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# --- plots
+
+
+def plot_pass_at_k(summary: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    rates = summary[summary["metric"].str.startswith("pass@")]
+    panels = sorted({(d, s, m) for d, s, m in rates[["dataset", "split", "metric"]].itertuples(index=False)})
+    figure, axes = plt.subplots(
+        1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.5), squeeze=False
+    )
+    for axis, (dataset, split, metric) in zip(axes[0], panels, strict=False):
+        panel = rates[(rates["dataset"] == dataset) & (rates["split"] == split) & (rates["metric"] == metric)]
+        for experiment, curve in panel.groupby("experiment"):
+            curve = curve.sort_values("iteration")
+            axis.plot(curve["iteration"], curve["value"], marker="o", label=experiment)
+        axis.set(title=f"{dataset}/{split}", xlabel="iteration", ylabel=metric)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.legend()
+    _save(figure, path)
+
+
+def plot_error_types(summary: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    outcomes = summary[summary["metric"].str.startswith("outcome:")].copy()
+    outcomes["outcome"] = outcomes["metric"].str.removeprefix("outcome:")
+    groups = sorted(
+        {(e, d, s) for e, d, s in outcomes[["experiment", "dataset", "split"]].itertuples(index=False)}
+    )
+    figure, axes = plt.subplots(
+        1, max(len(groups), 1), figsize=(4.5 * max(len(groups), 1), 3.5), squeeze=False
+    )
+    for axis, (experiment, dataset, split) in zip(axes[0], groups, strict=False):
+        group = outcomes[
+            (outcomes["experiment"] == experiment)
+            & (outcomes["dataset"] == dataset)
+            & (outcomes["split"] == split)
+        ]
+        counts = group.pivot_table(index="iteration", columns="outcome", values="value", fill_value=0)
+        shares = counts.div(counts.sum(axis=1), axis=0)
+        shares.plot.bar(stacked=True, ax=axis, legend=False, width=0.8)
+        axis.set(title=f"{experiment}: {dataset}/{split}", xlabel="iteration", ylabel="share of samples")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="center right", fontsize="small")
+        figure.subplots_adjust(right=0.82)
+    _save(figure, path)
+
+
+def plot_training_loss(logs: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    if not logs.empty:
+        for (experiment, iteration), steps in logs.groupby(["experiment", "iteration"]):
+            axis.plot(steps["step"], steps["loss"], label=f"{experiment} iter {iteration}")
+        axis.legend(fontsize="small")
+    axis.set(title="training loss", xlabel="optimizer step", ylabel="loss")
+    _save(figure, path)
+
+
+def _save(figure, path: str | os.PathLike[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    from leti.io import atomic_path
+
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+
+
+def summarize(
+    metrics_paths: Sequence[str | os.PathLike[str]],
+    train_log_paths: Sequence[str | os.PathLike[str]],
+    csv: str | os.PathLike[str],
+    pass_at_k_png: str | os.PathLike[str],
+    error_types_png: str | os.PathLike[str],
+    loss_png: str | os.PathLike[str],
+) -> pd.DataFrame:
+    import matplotlib
+
+    from leti.io import atomic_path
+
+    matplotlib.use("Agg")
+    summary = summary_table(metrics_paths)
+    with atomic_path(csv) as tmp:
+        summary.to_csv(tmp, index=False)
+    plot_pass_at_k(summary, pass_at_k_png)
+    plot_error_types(summary, error_types_png)
+    plot_training_loss(training_logs(train_log_paths), loss_png)
+    return summary
+
+
+# --- looking inside one artifact
+
+ARTIFACT_KINDS: dict[str, type[BaseModel]] = {
+    "samples.jsonl": Sample,
+    "executions.jsonl": Execution,
+    "feedback.jsonl": FeedbackExample,
+    "metrics.json": Metrics,
+    "train_log.jsonl": TrainStep,
+}
+
+
+def artifact_kind(path: Path) -> type[BaseModel]:
+    if path.name in ARTIFACT_KINDS:
+        return ARTIFACT_KINDS[path.name]
+    if path.suffix == ".jsonl" and "tasks" in path.parts:
+        return Problem
+    known = ", ".join([*ARTIFACT_KINDS, "tasks/{dataset}/{split}.jsonl"])
+    raise ArtifactError(f"{path}: not a known artifact; known: {known}")
+
+
+def inspect_artifact(
+    path: str | os.PathLike[str],
+    console: Console,
+    task_id: str | None = None,
+    status: str | None = None,
+    examples: int = 3,
+) -> None:
+    """Counts by outcome, then a few records matching the filters."""
+    source = Path(path)
+    kind = artifact_kind(source)
+    records = [read_json(source, Metrics)] if kind is Metrics else read_jsonl(source, kind)
+    frame = pd.DataFrame([record.model_dump(mode="json") for record in records])
+    console.print(f"[bold]{source}[/]: {len(records)} {kind.__name__} record(s)")
+    if kind is Metrics:
+        _print_metrics(records[0], console)
+        return
+    for column in _COUNT_COLUMNS.get(kind, []):
+        if column in frame and not frame.empty:
+            _print_counts(frame[column].fillna("-").value_counts(), column, console)
+    if kind is Execution and not frame.empty:
+        outcome = frame["status"].where(frame["status"] != "failed", frame["exception_type"].fillna("failed"))
+        _print_counts(outcome.value_counts(), "outcome", console)
+    selected = [
+        record
+        for record in records
+        if (task_id is None or getattr(record, "task_id", None) == task_id)
+        and (status is None or status in _labels(record))
+    ]
+    for record in selected[:examples]:
+        console.rule()
+        for name, value in record.model_dump(mode="json").items():
+            console.print(f"[bold cyan]{name}[/]: ", end="")
+            console.print(
+                value if not isinstance(value, str) or "\n" not in value else "\n" + value,
+                markup=False,
+                highlight=False,
+            )
+    if (task_id or status) and not selected:
+        console.print("no record matches the filters")
+
+
+def _labels(record: BaseModel) -> set[str]:
+    """What `--status` matches: an execution's status or exception type, a feedback reward, a finish reason."""
+    if isinstance(record, Execution):
+        return {record.status.value, record.exception_type or ""}
+    if isinstance(record, FeedbackExample):
+        return {record.reward}
+    if isinstance(record, Sample):
+        return {record.finish_reason}
+    return set()
+
+
+_COUNT_COLUMNS: dict[type[BaseModel], list[str]] = {
+    Problem: ["dataset", "split"],
+    Sample: ["policy_iteration", "finish_reason"],
+    Execution: ["status"],
+    FeedbackExample: ["mode", "reward"],
+    TrainStep: ["epoch"],
+}
+
+
+def _print_counts(counts: pd.Series, name: str, console: Console) -> None:
+    table = Table(name, "count", "share")
+    total = counts.sum()
+    for value, count in counts.items():
+        table.add_row(str(value), str(count), f"{count / total:.1%}")
+    console.print(table)
+
+
+def _print_metrics(metrics: Metrics, console: Console) -> None:
+    table = Table("metric", "value")
+    for name, value in metrics.pass_at_k.items():
+        table.add_row(name, f"{value:.4f}")
+    table.add_row("problems", str(metrics.num_problems))
+    table.add_row("samples", str(metrics.num_samples))
+    table.add_row("mean completion tokens", f"{metrics.mean_completion_tokens:.1f}")
+    console.print(table)
+    _print_counts(pd.Series(metrics.error_types), "outcome", console)
+
+
+def print_summary(results: str | os.PathLike[str], console: Console) -> None:
+    """The arm by iteration pass@k table of every metrics.json under `results`."""
+    paths = sorted(Path(results).glob("**/eval/*/*/metrics.json"))
+    if not paths:
+        raise ArtifactError(f"{results}: no metrics.json found under it")
+    table = pass_at_k_table(summary_table(paths))
+    view = Table(*[str(column) for column in table.columns])
+    for row in table.itertuples(index=False):
+        view.add_row(*[f"{value:.3f}" if isinstance(value, float) else str(value) for value in row])
+    console.print(view)

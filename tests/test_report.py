@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from leti.io import write_json, write_jsonl
+from leti.records import Execution, ExecutionStatus, FeedbackExample, Metrics, Problem, Sample, TrainStep
+from leti.report import pass_at_k_table, summarize
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def metrics(policy: str, iteration: int, rate: float, dataset: str = "mbpp") -> Metrics:
+    return Metrics(
+        dataset=dataset,
+        split="test",
+        policy=policy,
+        policy_iteration=iteration,
+        num_problems=10,
+        num_samples=10,
+        pass_at_k={"pass@1": rate},
+        error_types={"passed": int(rate * 10), "AssertionError": 10 - int(rate * 10)},
+        mean_completion_tokens=40.0,
+    )
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    root = tmp_path / "results"
+    documents = {
+        "base": metrics("base", 0, 0.3),
+        "textual/iter1": metrics("textual/iter1", 1, 0.4),
+        "binary/iter1": metrics("binary/iter1", 1, 0.2),
+    }
+    for policy, document in documents.items():
+        write_json(root / policy / "eval" / "mbpp" / "test" / "metrics.json", document)
+    for arm in ("textual", "binary"):
+        steps = [
+            TrainStep(step=i, epoch=0, loss=2.0 / i, learning_rate=1e-4, tokens=100, tokens_per_s=50)
+            for i in (1, 2)
+        ]
+        write_jsonl(root / arm / "iter1" / "train_log.jsonl", steps)
+    return root
+
+
+def test_summary_has_one_row_per_arm_iteration_dataset_and_metric(results: Path, tmp_path: Path) -> None:
+    plots = [tmp_path / name for name in ("pass.png", "errors.png", "loss.png")]
+    summary = summarize(
+        sorted(results.glob("**/metrics.json")),
+        sorted(results.glob("**/train_log.jsonl")),
+        tmp_path / "summary.csv",
+        *plots,
+    )
+    assert all(plot.read_bytes().startswith(PNG_MAGIC) for plot in plots)
+    written = pd.read_csv(tmp_path / "summary.csv")
+    assert list(written.columns) == [
+        "experiment",
+        "policy",
+        "iteration",
+        "dataset",
+        "split",
+        "metric",
+        "value",
+    ]
+    assert len(written) == len(summary)
+    rates = written[written["metric"] == "pass@1"].set_index(["experiment", "iteration"])["value"].to_dict()
+    # The base model is iteration 0 of every arm.
+    assert rates == {("binary", 0): 0.3, ("binary", 1): 0.2, ("textual", 0): 0.3, ("textual", 1): 0.4}
+    outcomes = written[written["metric"] == "outcome:AssertionError"]
+    assert set(outcomes["value"]) == {7.0, 6.0, 8.0}
+    table = pass_at_k_table(summary)
+    assert list(table.columns) == ["experiment", "iteration", "mbpp/test pass@1"]
+    assert len(table) == 4
+
+
+def leti(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "leti"), *args], capture_output=True, text=True)
+
+
+def test_summary_command_prints_the_table(results: Path) -> None:
+    shown = leti("summary", str(results))
+    assert shown.returncode == 0, shown.stderr
+    assert "mbpp/test pass@1" in shown.stdout
+    assert "textual" in shown.stdout and "0.400" in shown.stdout
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> dict[str, Path]:
+    paths = {
+        "tasks": tmp_path / "resources" / "tasks" / "mbpp" / "test.jsonl",
+        "samples": tmp_path / "samples.jsonl",
+        "executions": tmp_path / "executions.jsonl",
+        "feedback": tmp_path / "feedback.jsonl",
+        "metrics": tmp_path / "metrics.json",
+    }
+    write_jsonl(
+        paths["tasks"], [Problem(task_id="MBPP/11", dataset="mbpp", split="test", prompt="p", test_code="t")]
+    )
+    write_jsonl(
+        paths["samples"],
+        [
+            Sample(
+                task_id=f"MBPP/{11 + i}",
+                completion=f"\nreturn {i}",
+                policy_iteration=0,
+                sample_index=0,
+                seed=0,
+                prompt_tokens=5,
+                completion_tokens=3,
+                finish_reason="stop",
+            )
+            for i in range(3)
+        ],
+    )
+    write_jsonl(
+        paths["executions"],
+        [
+            Execution(task_id="MBPP/11", sample_index=0, status=ExecutionStatus.passed, duration_s=0.1),
+            Execution(
+                task_id="MBPP/12",
+                sample_index=0,
+                status=ExecutionStatus.failed,
+                exception_type="NameError",
+                feedback="NameError: name 'x' is not defined",
+                duration_s=0.1,
+            ),
+            Execution(task_id="MBPP/13", sample_index=0, status=ExecutionStatus.timeout, duration_s=10.0),
+        ],
+    )
+    write_jsonl(
+        paths["feedback"],
+        [
+            FeedbackExample(
+                task_id="MBPP/12",
+                sample_index=0,
+                mode="textual",
+                reward="bad",
+                num_tokens=9,
+                program_offset=3,
+                text="<|bad|>...",
+            )
+        ],
+    )
+    write_json(paths["metrics"], metrics("base", 0, 0.3))
+    return paths
+
+
+def test_inspect_counts_outcomes_and_filters_examples(artifacts: dict[str, Path]) -> None:
+    shown = leti("inspect", str(artifacts["executions"]), "--status", "NameError")
+    assert shown.returncode == 0, shown.stderr
+    assert "3 Execution record(s)" in shown.stdout
+    for label in ("passed", "failed", "timeout", "NameError"):
+        assert label in shown.stdout
+    assert "name 'x' is not defined" in shown.stdout
+    assert "MBPP/13" not in shown.stdout.split("outcome")[-1]
+
+    by_task = leti("inspect", str(artifacts["samples"]), "--task-id", "MBPP/13")
+    assert "return 2" in by_task.stdout and "return 1" not in by_task.stdout
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("tasks", "1 Problem record(s)"),
+        ("samples", "3 Sample record(s)"),
+        ("feedback", "1 FeedbackExample record(s)"),
+        ("metrics", "pass@1"),
+    ],
+)
+def test_inspect_reads_every_artifact_kind(artifacts: dict[str, Path], kind: str, expected: str) -> None:
+    shown = leti("inspect", str(artifacts[kind]))
+    assert shown.returncode == 0, shown.stderr
+    assert expected in shown.stdout
+
+
+def test_inspect_names_the_broken_line(artifacts: dict[str, Path]) -> None:
+    path = artifacts["executions"]
+    path.write_text(path.read_text() + '{"task_id": "MBPP/14", "status": "exploded"}\n')
+    shown = leti("inspect", str(path))
+    assert shown.returncode == 1
+    assert f"{path}:4: not a valid Execution record" in shown.stderr
+    assert "Traceback" not in shown.stderr
+
+
+def test_inspect_rejects_an_unknown_file(tmp_path: Path) -> None:
+    other = tmp_path / "notes.jsonl"
+    other.write_text("{}\n")
+    shown = leti("inspect", str(other))
+    assert shown.returncode == 1
+    assert "not a known artifact" in shown.stderr
