@@ -1,0 +1,109 @@
+"""What every job asks a cluster for, and where generation and fine-tuning run (leti.device)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, run_snakemake
+
+from leti import device as devices
+from leti.config import RULES, Config, ResourcesConfig, load_config_file
+from leti.device import DeviceError, inference_dtype, resolve_device, training_dtype
+
+CPU_ONLY_RULES = {
+    "download_mbpp",
+    "prepare_tasks",
+    "build_sandbox",
+    "execute",
+    "build_feedback",
+    "evaluate",
+    "summarize",
+}
+
+
+def planned_resources(workdir: Path, *args: str) -> list[tuple[str, dict[str, str], int]]:
+    """(rule, resources, threads) of every job the SLURM profile would submit (a dry run)."""
+    result = run_snakemake(workdir, "--dry-run", "--profile", str(REPO / "profiles" / "slurm"), *args)
+    assert result.returncode == 0, result.stderr
+    jobs = []
+    for line in result.stdout.splitlines():
+        if match := re.fullmatch(r"(local)?rule (\w+):", line):
+            jobs.append([match.group(2), {}, 1])
+        elif match := re.fullmatch(r"    resources: (.*)", line):
+            jobs[-1][1] = dict(item.split("=", 1) for item in match.group(1).split(", "))
+        elif match := re.fullmatch(r"    threads: (\d+)", line):
+            jobs[-1][2] = int(match.group(1))
+    return [(rule, resources, threads) for rule, resources, threads in jobs if rule != "all"]
+
+
+def test_every_rule_has_its_configured_resources(workdir: Path) -> None:
+    jobs = planned_resources(workdir, "--forceall")
+    config = load_config_file(REPO / "config.yaml")
+    assert {rule for rule, _, _ in jobs} == set(RULES) - {"download_mbpp"}  # MBPP is local here
+    for rule, resources, _ in jobs:
+        expected = config.resources.of(rule)
+        assert resources["mem_mb"] == str(expected.mem_mb), rule
+        assert resources["runtime"] == str(expected.runtime), rule
+        assert "gpu" not in resources, rule  # device: auto asks for no GPU
+
+
+def test_only_generate_and_finetune_ask_for_gpus_on_cuda(workdir: Path) -> None:
+    path = workdir / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["device"] = "cuda"
+    config["resources"]["gpus"] = 2
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_resources(workdir, "--forceall")
+    with_gpus = {rule for rule, resources, _ in jobs if "gpu" in resources}
+    assert with_gpus == {"generate", "finetune"}
+    assert all(resources["gpu"] == "2" for rule, resources, _ in jobs if rule in with_gpus)
+    assert not with_gpus & CPU_ONLY_RULES
+
+
+def test_resources_fall_back_rule_then_default() -> None:
+    resources = ResourcesConfig.model_validate(
+        {"default": {"runtime": 99}, "generate": {"mem_mb": 16000}, "evaluate": {"threads": 3}}
+    )
+    generate = resources.of("generate")
+    assert (generate.threads, generate.mem_mb, generate.runtime) == (4, 16000, 240)  # built-in for the rest
+    evaluate = resources.of("evaluate")
+    assert (evaluate.threads, evaluate.mem_mb, evaluate.runtime) == (3, 1000, 99)
+    with pytest.raises(KeyError):
+        resources.of("no_such_rule")
+
+
+def test_device_reaches_generation_and_fine_tuning_settings() -> None:
+    config = load_config_file(REPO / "config.yaml")
+    assert config.device == "auto"
+    cuda = Config.model_validate({**config.model_dump(mode="json"), "device": "cuda"})
+    assert cuda.generation_settings("eval", 1).device == "cuda"
+    assert cuda.job_resources("finetune")["gpu"] == 1
+    assert "gpu" not in cuda.job_resources("execute")
+
+
+def test_devices_resolve() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(DeviceError):
+        resolve_device("tpu")
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_dtypes_follow_the_hardware(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
+    monkeypatch.setattr(devices.torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    cuda = torch.device("cuda")
+    assert inference_dtype("auto", cuda) == (torch.bfloat16 if bf16 else torch.float16)
+    assert training_dtype("auto", cuda) == (torch.bfloat16 if bf16 else torch.float32)  # never float16
+    assert inference_dtype("float32", cuda) == training_dtype("float32", cuda) == torch.float32
+    cpu = torch.device("cpu")
+    assert training_dtype("auto", cpu) in (torch.bfloat16, torch.float32)
+    assert inference_dtype("auto", cpu) == training_dtype("auto", cpu)
+    with pytest.raises(DeviceError):
+        training_dtype("float16", cpu)
