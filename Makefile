@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 # downloads the pinned public file and checks its sha256.
 export LETI_MBPP_PATH ?= $(wildcard $(abspath ../shared/data/mbpp/mbpp.jsonl))
 
-.PHONY: setup run dry-run test lint clean
+.PHONY: setup run dry-run test lint clean docker-engine slurm
 
 setup: $(BIN)/.installed
 
@@ -24,7 +24,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 
-run: setup
+run: setup docker-engine
 	$(BIN)/snakemake --cores $(CORES)
 
 dry-run: setup
@@ -35,8 +35,17 @@ lint: setup
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/snakemake --lint
 
-test: lint
+test: lint docker-engine slurm
 	$(BIN)/pytest
+
+# A one-node SLURM cluster on 127.0.0.1 for tests/test_slurm.py (root, Debian); a no-op when one is up.
+slurm:
+	bash tests/services/slurm.sh
+
+# The Docker engine for the sandbox: installed and started if missing (as root on Debian),
+# a quick no-op when it runs. The sandbox image itself is built by the workflow and the tests.
+docker-engine:
+	bash tests/services/docker-engine.sh
 
 clean:
 	rm -rf results/* resources logs benchmarks .snakemake

@@ -9,6 +9,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "rules/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/tasks.smk"
 include: "rules/model.smk"
@@ -17,9 +20,10 @@ include: "rules/execute.smk"
 include: "rules/feedback.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
+include: "rules/summary.smk"
 
 
 rule all:
     input:
-        final_targets(),
+        rules.summarize.output,
     default_target: True

@@ -1,9 +1,8 @@
 # Config validation, wildcard constraints and the input functions of every rule.
 
-import json
-
-from leti.config import ConfigError, MetricsSettings, load_config
+from leti.config import ConfigError, FeedbackSettings, FinetuneSettings, MetricsSettings, load_config
 from leti.layout import POLICY_PATTERN, parse_policy, policy_name
+from leti.model import resolve_source
 
 
 def _validated_config():
@@ -36,17 +35,24 @@ def optional_flag(name):
     return lambda wildcards, input: f"--{name.replace('_', '-')} {input[name]}" if input.get(name) else ""
 
 
-def final_targets():
-    policies = ["base"] + [
+def trained_policies():
+    return [
         policy_name(experiment, iteration)
         for experiment in LETI.experiments
         for iteration in range(1, LETI.iterations + 1)
     ]
+
+
+def all_metrics():
     return [
         rules.evaluate.output.metrics.format(policy=policy, **split_task_set(task_set))
-        for policy in policies
+        for policy in ["base", *trained_policies()]
         for task_set in LETI.evaluate.tasks
     ]
+
+
+def all_train_logs():
+    return [rules.finetune.output.train_log.format(**dict(zip(("experiment", "iteration"), parse_policy(policy)))) for policy in trained_policies()]
 
 
 # --- tasks
@@ -64,6 +70,15 @@ def task_source(wildcards):
 def limit_option(wildcards):
     limit = LETI.data.limits.get(f"{wildcards.dataset}/{wildcards.split}")
     return f"--limit {limit}" if limit else ""
+
+
+# --- the base model
+
+
+def model_source(wildcards):
+    """A local model file or folder is an input, so replacing it rebuilds the base model."""
+    source = resolve_source(LETI.model.source)
+    return source.location if source.kind in ("gguf", "folder") else []
 
 
 # --- generate and execute
@@ -86,6 +101,14 @@ def sandbox_image(wildcards):
     return rules.build_sandbox.output[0] if LETI.execute.backend == "docker" else []
 
 
+def sandbox_sources(wildcards):
+    """What the sandbox image is built from: a change to either rebuilds it."""
+    return {
+        "dockerfile": f"{workflow.basedir}/envs/sandbox.Dockerfile",
+        "dispatcher": f"{workflow.basedir}/src/leti/sandbox/dispatcher.py",
+    }
+
+
 # --- feedback and fine-tuning
 
 
@@ -102,7 +125,7 @@ def rollout_artifacts(wildcards):
 
 
 def feedback_settings(wildcards):
-    return json.dumps({"mode": LETI.experiments[wildcards.experiment].feedback})
+    return FeedbackSettings(mode=LETI.experiments[wildcards.experiment].feedback).model_dump_json()
 
 
 def previous_adapter(wildcards):
@@ -113,4 +136,18 @@ def previous_adapter(wildcards):
 
 
 def finetune_settings(wildcards):
-    return json.dumps({"seed": LETI.seed, **LETI.finetune.model_dump()})
+    return FinetuneSettings(seed=LETI.seed, device=LETI.device, **LETI.finetune.model_dump()).model_dump_json()
+
+
+# --- resources of every job (config `resources`, `device`), locally and on a cluster
+
+
+def job_threads(rule):
+    """The rule's threads; a local run caps them at --cores."""
+    return LETI.resources.of(rule).threads
+
+
+def job_resources(rule):
+    """mem_mb and runtime (minutes) of the rule's jobs, and `gpu` for generate and finetune
+    when `device` is cuda; unpacked into each rule's `resources:`."""
+    return LETI.job_resources(rule)

@@ -10,6 +10,9 @@ rule evaluate:
         metrics="results/{policy}/eval/{dataset}/{split}/metrics.json",
     params:
         settings=MetricsSettings(k=LETI.evaluate.k).model_dump_json(),
+    threads: job_threads("evaluate")
+    resources:
+        **job_resources("evaluate"),
     conda:
         "../envs/leti.yaml"
     log:

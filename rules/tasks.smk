@@ -4,6 +4,9 @@
 rule download_mbpp:
     output:
         "resources/data/mbpp.jsonl",
+    threads: job_threads("download_mbpp")
+    resources:
+        **job_resources("download_mbpp"),
     conda:
         "../envs/leti.yaml"
     log:
@@ -22,6 +25,9 @@ rule prepare_tasks:
     params:
         source=optional_flag("source"),
         limit=limit_option,
+    threads: job_threads("prepare_tasks")
+    resources:
+        **job_resources("prepare_tasks"),
     conda:
         "../envs/leti.yaml"
     log:

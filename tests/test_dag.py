@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import run_snakemake
-
-
-@dataclass
-class Job:
-    rule: str
-    inputs: list[str] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-
-
-def planned_jobs(workdir: Path, *args: str) -> list[Job]:
-    result = run_snakemake(workdir, "--dry-run", "--cores", "2", *args)
-    assert result.returncode == 0, result.stderr
-    jobs: list[Job] = []
-    for line in result.stdout.splitlines():
-        if match := re.fullmatch(r"(?:local)?rule (\w+):", line):
-            jobs.append(Job(match.group(1)))
-        elif match := re.fullmatch(r"    (input|output): (.*)", line):
-            files = match.group(2).split(", ")
-            (jobs[-1].inputs if match.group(1) == "input" else jobs[-1].outputs).extend(files)
-    assert jobs, result.stdout
-    return jobs
+from conftest import Job, planned_jobs
 
 
 def producer(jobs: list[Job], path: str) -> Job:

@@ -43,6 +43,7 @@ def sample(task_id: str, index: int, tokens: int = 10) -> Sample:
         seed=0,
         prompt_tokens=3,
         completion_tokens=tokens,
+        finish_reason="stop",
     )
 
 

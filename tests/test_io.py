@@ -22,6 +22,7 @@ def make_sample(index: int) -> Sample:
         seed=7,
         prompt_tokens=10,
         completion_tokens=5,
+        finish_reason="stop",
     )
 
 
@@ -148,7 +149,8 @@ def test_writer_killed_mid_write_leaves_no_output(tmp_path: Path) -> None:
                     Path({str(started)!r}).touch()
                     time.sleep(60)
                 yield Sample(task_id="t", completion="x" * 1000, policy_iteration=0,
-                             sample_index=index, seed=0, prompt_tokens=1, completion_tokens=1)
+                             sample_index=index, seed=0, prompt_tokens=1, completion_tokens=1,
+                             finish_reason="stop")
 
         write_jsonl({str(path)!r}, slow_records())
         """
@@ -180,3 +182,18 @@ def test_atomic_directory_replaces_only_on_success(tmp_path: Path) -> None:
         raise RuntimeError("killed")
     assert (target / "weights.bin").read_bytes() == b"v1"
     assert [entry.name for entry in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_artifacts_get_the_usual_permissions(tmp_path: Path) -> None:
+    """Temporary files are private; the renamed artifact must be as readable as any other file."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        write_jsonl(tmp_path / "samples.jsonl", [make_sample(0)])
+        with atomic_directory(tmp_path / "adapter") as staging:
+            (staging / "w.bin").write_bytes(b"x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "samples.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755

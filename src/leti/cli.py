@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -26,7 +27,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(sandbox_app, name="sandbox")
 
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)
 
 InputFile = Annotated[Path, typer.Option(exists=True, dir_okay=False, readable=True)]
 OutputPath = Annotated[Path, typer.Option()]
@@ -81,14 +82,41 @@ def _not_built_yet(stage: str, issue: int) -> NoReturn:
 
 @model_app.command("prepare")
 def model_prepare(output: OutputPath, settings: Settings = "{}", threads: Threads = 1) -> None:
-    """Build the base model as a plain Hugging Face folder."""
-    _not_built_yet("model prepare", 4)
+    """Build the base model as a plain Hugging Face folder, with the LETI special tokens added."""
+    import torch
+
+    from leti.config import ModelConfig
+    from leti.model import prepare_model
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(threads)
+    source = ModelConfig.model_validate_json(settings).source
+    ids = prepare_model(source, output)
+    stderr.print(f"{source} -> {output} (LETI token ids {ids})")
 
 
 @sandbox_app.command("build")
-def sandbox_build(output: OutputPath, settings: Settings = "{}") -> None:
-    """Build the sandbox image and record its id."""
-    _not_built_yet("sandbox build", 3)
+def sandbox_build(
+    output: OutputPath,
+    settings: Settings = "{}",
+    dockerfile: Annotated[Path, typer.Option(exists=True, dir_okay=False)] = Path("envs/sandbox.Dockerfile"),
+    base: Annotated[
+        str | None, typer.Option(help="auto, registry or debootstrap: overrides execute.base_image.")
+    ] = None,
+) -> None:
+    """Build the sandbox image (a no-op when it is up to date) and record its id."""
+    import json
+
+    from leti.execute import load_settings
+    from leti.io import write_json
+    from leti.sandbox.image import build_image
+
+    section = json.loads(settings) | ({"base_image": base} if base else {})
+    record = build_image(
+        load_settings(json.dumps(section)), dockerfile, log=lambda line: stderr.out(line, highlight=False)
+    )
+    write_json(output, record)
+    stderr.print(f"sandbox image {record.image} ({record.base_kind} base) -> {output}")
 
 
 @app.command()
@@ -101,15 +129,36 @@ def generate(
     threads: Threads = 1,
 ) -> None:
     """Sample completions for every problem from the base model plus an optional LoRA adapter."""
-    _not_built_yet("generate", 4)
+    from leti.config import GenerationSettings
+    from leti.generate import generate_file
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parsed = GenerationSettings.model_validate_json(settings)
+    samples = generate_file(model, tasks, output, parsed, adapter, threads, stderr)
+    tokens = sum(sample.completion_tokens for sample in samples)
+    stderr.print(f"{len(samples)} samples, {tokens} generated tokens -> {output}")
 
 
 @app.command()
 def execute(
-    tasks: InputFile, samples: InputFile, output: OutputPath, settings: Settings = "{}", threads: Threads = 1
+    tasks: InputFile,
+    samples: InputFile,
+    output: OutputPath,
+    settings: Settings = "{}",
+    threads: Threads = 1,
+    sandbox: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="image.json from `leti sandbox build` (docker backend)."
+        ),
+    ] = None,
 ) -> None:
     """Run every sample with its problem's tests in the sandbox."""
-    _not_built_yet("execute", 3)
+    from leti.execute import load_settings, run_stage
+
+    counts = run_stage(tasks, samples, output, load_settings(settings), threads, sandbox, stderr)
+    summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "no samples"
+    stderr.print(f"{summary} -> {output}")
 
 
 @app.command()
@@ -122,7 +171,12 @@ def feedback(
     settings: Settings = "{}",
 ) -> None:
     """Turn executions into LETI training texts."""
-    _not_built_yet("feedback", 5)
+    from leti.config import FeedbackSettings
+    from leti.feedback import build_feedback, tokenizer_counter
+
+    parsed = FeedbackSettings.model_validate_json(settings)
+    count = build_feedback(tasks, output, parsed, tokenizer_counter(model), samples, executions)
+    stderr.print(f"{count} {parsed.mode} training texts -> {output}")
 
 
 @app.command()
@@ -132,11 +186,27 @@ def finetune(
     output: OutputPath,
     log: OutputPath,
     previous_adapter: Annotated[Path | None, typer.Option(exists=True, file_okay=False)] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Where to keep checkpoints; a rerun resumes from the last one.")
+    ] = None,
     settings: Settings = "{}",
     threads: Threads = 1,
 ) -> None:
     """LoRA fine-tuning on the feedback texts, continuing from the previous adapter."""
-    _not_built_yet("finetune", 5)
+    from leti.config import FinetuneSettings
+    from leti.finetune import finetune as train
+
+    steps = train(
+        model,
+        feedback,
+        output,
+        log,
+        FinetuneSettings.model_validate_json(settings),
+        previous_adapter=previous_adapter,
+        checkpoint_dir=checkpoint_dir,
+        threads=threads,
+    )
+    stderr.print(f"{len(steps)} steps, final loss {steps[-1].loss:.4f} -> {output}")
 
 
 @app.command()
@@ -157,6 +227,46 @@ def evaluate(
     )
     rates = ", ".join(f"{name} {value:.3f}" for name, value in metrics.pass_at_k.items())
     stderr.print(f"{policy} on {metrics.dataset}/{metrics.split}: {rates or 'no pass@k'} -> {output}")
+
+
+@app.command()
+def summarize(
+    metrics: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="metrics.json files.")],
+    csv: OutputPath,
+    pass_at_k_plot: OutputPath,
+    error_types_plot: OutputPath,
+    loss_plot: OutputPath,
+    train_log: Annotated[list[Path] | None, typer.Option(exists=True, dir_okay=False)] = None,
+) -> None:
+    """Aggregate metrics into summary.csv and plot pass@k, error types and training loss."""
+    from leti.report import summarize as write_summary
+
+    table = write_summary(metrics, train_log or [], csv, pass_at_k_plot, error_types_plot, loss_plot)
+    stderr.print(f"{len(table)} rows -> {csv}")
+
+
+@app.command()
+def summary(results: Annotated[Path, typer.Argument(exists=True, file_okay=False)] = Path("results")) -> None:
+    """Print the arm-by-iteration pass@k table of the metrics under RESULTS."""
+    from leti.report import print_summary
+
+    print_summary(results, Console())
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    task_id: Annotated[str | None, typer.Option(help="Show only this task's records.")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="passed, failed, timeout, an exception type, good/bad, stop/eos/length."),
+    ] = None,
+    examples: Annotated[int, typer.Option(min=0, help="How many records to show.")] = 3,
+) -> None:
+    """Counts by status and error type, and a few examples, of any artifact."""
+    from leti.report import inspect_artifact
+
+    inspect_artifact(path, Console(soft_wrap=True), task_id=task_id, status=status, examples=examples)
 
 
 def main() -> None:

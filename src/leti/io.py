@@ -8,6 +8,7 @@ truncated one: Snakemake would otherwise treat a half-written file as done.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        tmp.chmod(_default_mode(0o666))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -49,11 +51,28 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        tmp.chmod(_default_mode(0o777))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file, read in chunks: model weights do not fit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _default_mode(full: int) -> int:
+    """The mode a plain open() would give: mkstemp and mkdtemp create private (0600/0700) entries."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
 
 
 def _write_lines(tmp: Path, lines: Iterable[str]) -> int:

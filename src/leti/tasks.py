@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.request
 from collections.abc import Iterable
@@ -11,7 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from leti.errors import LetiError
-from leti.io import atomic_path, iter_jsonl
+from leti.io import atomic_path, file_sha256, iter_jsonl
 from leti.records import Problem
 
 # The canonical MBPP file at a fixed commit, so every download is the same bytes.
@@ -172,14 +171,6 @@ def download_mbpp(
         if digest != sha256:
             raise TaskSourceError(f"downloaded MBPP has sha256 {digest}, expected {sha256}; not keeping it")
     return target
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unix_newlines(text: str) -> str:
