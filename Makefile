@@ -26,6 +26,9 @@ $(BIN)/.installed: pyproject.toml
 
 run: setup docker-engine
 	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html
+	$(BIN)/leti summary results
+	@echo "report: results/report.html"
 
 dry-run: setup
 	$(BIN)/snakemake --cores $(CORES) --dry-run

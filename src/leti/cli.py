@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -74,10 +74,6 @@ def config_check(
     stderr.print(
         f"{path}: valid; {config.iterations} iteration(s), experiments: {', '.join(config.experiments)}"
     )
-
-
-def _not_built_yet(stage: str, issue: int) -> NoReturn:
-    raise LetiError(f"`leti {stage}` is not implemented yet (tracked in issue {issue}).")
 
 
 @model_app.command("prepare")

@@ -20,6 +20,7 @@ from typing import Any
 
 import docker
 import psutil
+import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from leti.config import ExecuteConfig
@@ -95,10 +96,22 @@ def _remove(client: docker.DockerClient, container_id: str) -> None:
     except NotFound:
         pass
     except DockerException as error:
-        # 409: auto_remove got there first. Anything else leaves a leftover, which the next
-        # pool reaps; stopping must not fail the run that is ending.
-        if not (isinstance(error, APIError) and error.status_code == 409):
+        # 409: auto_remove got there first and is still at it; wait, so that a closed pool
+        # really has no container left. Anything else leaves a leftover, which the next pool
+        # reaps; stopping must not fail the run that is ending.
+        if isinstance(error, APIError) and error.status_code == 409:
+            _wait_until_removed(client, container_id)
+        else:
             log.warning("could not remove sandbox container %s: %s", container_id[:12], error)
+
+
+def _wait_until_removed(client: docker.DockerClient, container_id: str, timeout_s: float = 30.0) -> None:
+    try:
+        client.api.wait(container_id, timeout=timeout_s, condition="removed")
+    except NotFound:
+        pass  # already gone
+    except (DockerException, requests.exceptions.RequestException) as error:
+        log.warning("sandbox container %s is still being removed: %s", container_id[:12], error)
 
 
 class AttachChannel(Channel):
