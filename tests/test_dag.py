@@ -90,3 +90,15 @@ def test_a_gold_arm_trains_on_tasks_without_rollouts(workdir: Path) -> None:
     feedback = producer(jobs, "results/gold/iter1/feedback.jsonl")
     assert "resources/tasks/mbpp/train.jsonl" in feedback.inputs
     assert not any("rollouts" in path for path in feedback.inputs)
+
+
+def test_the_paper_config_plans_every_arm_at_full_scale(workdir: Path) -> None:
+    from conftest import REPO
+
+    jobs = planned_jobs(workdir, "--configfile", str(REPO / "configs" / "paper.yaml"))
+    counts = Counter(job.rule for job in jobs)
+    arms, iterations, eval_sets = 3, 4, 2
+    assert counts["finetune"] == counts["build_feedback"] == arms * iterations
+    assert counts["evaluate"] == eval_sets * (1 + arms * iterations)
+    # The gold arm trains on reference solutions: no rollouts of its own policies.
+    assert not any(o.startswith("results/gold/") and "/rollouts/" in o for job in jobs for o in job.outputs)
