@@ -148,7 +148,7 @@ def leftovers(settings: ExecuteConfig) -> list[str]:
     uids = range(settings.sandbox_uid, settings.sandbox_uid + 64)
     found = [
         f"container {container.short_id}"
-        for container in connect().containers.list(all=True, filters={"label": LABEL})
+        for container in connect().containers.list(all=True, filters={"label": LABEL}, ignore_removed=True)
         if int(container.attrs["Config"]["User"].split(":")[0]) in uids
     ]
     for process in psutil.process_iter(["uids", "name"]):

@@ -40,7 +40,7 @@ def containers_of(owner: str) -> list[str]:
     return [
         container.id
         for container in connect().containers.list(
-            all=True, filters={"label": [LABEL, f"{OWNER_LABEL}={owner}"]}
+            all=True, filters={"label": [LABEL, f"{OWNER_LABEL}={owner}"]}, ignore_removed=True
         )
     ]
 
@@ -103,7 +103,10 @@ def test_leftovers_of_dead_owners_are_reaped_and_live_ones_kept(sandbox_image: S
     try:
         with open_pool(ExecuteConfig(), 1, sandbox_image):
             remaining = {
-                container.id for container in client.containers.list(all=True, filters={"label": LABEL})
+                container.id
+                for container in client.containers.list(
+                    all=True, filters={"label": LABEL}, ignore_removed=True
+                )
             }
         assert dead not in remaining
         assert alive in remaining
