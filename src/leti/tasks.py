@@ -21,7 +21,8 @@ MBPP_SHA256 = "ccf64ceae9c5403bf50a044cb6d505bfd2a2963ee58338ba268fd65beab92a9f"
 # Splits by task_id, as MBPP's authors define them (inclusive ranges).
 MBPP_SPLIT_RANGES = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 
-MBPP_STOP_SEQUENCES = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/"]
+# Instruct models close a Markdown fence after the code and then explain it in prose: "\n```".
+MBPP_STOP_SEQUENCES = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```", "\n<|/"]
 HUMANEVAL_STOP_SEQUENCES = [*MBPP_STOP_SEQUENCES, "\ndef", "\n#", "\n@"]
 
 
