@@ -11,7 +11,7 @@ import torch
 
 from leti.config import FeedbackSettings, FinetuneSettings, RegularizerConfig
 from leti.feedback import build_feedback, training_text
-from leti.finetune import finetune, interleave, plan_epoch
+from leti.finetune import TokenizedText, finetune, forward_passes, interleave, plan_epoch
 from leti.io import read_jsonl, write_jsonl
 from leti.records import Execution, ExecutionStatus, FeedbackExample, Problem, Sample, TrainStep
 
@@ -314,3 +314,58 @@ def test_the_regularizer_adds_stdlib_batches(tiny_model: Path, feedback_file: Pa
     )
     assert len(mixed) == 2 * len(plain)
     assert sum(step.tokens for step in mixed) == sum(step.tokens for step in plain) + 4 * 2 * 16
+
+
+def tokenized(*lengths: int) -> list[TokenizedText]:
+    return [TokenizedText(input_ids=[1] * length, labels=[1] * length) for length in lengths]
+
+
+def test_a_batch_is_split_into_passes_by_its_padded_size() -> None:
+    split = forward_passes(tokenized(3, 3, 4, 10), max_tokens=12)
+    assert [[len(s.input_ids) for s in part] for part in split] == [[3, 3, 4], [10]]
+    # A sequence longer than the budget still gets a pass of its own.
+    assert [len(part) for part in forward_passes(tokenized(20, 2), max_tokens=8)] == [1, 1]
+    assert [len(part) for part in forward_passes(tokenized(2, 2, 2), max_tokens=100)] == [3]
+
+
+def test_passes_add_up_to_the_batch(tiny_model: Path, feedback_file: Path, tmp_path: Path) -> None:
+    """One pass per sequence trains the same adapter as whole batches: the loss is the batch's
+    mean over its tokens however the batch is split."""
+    runs = {}
+    for forward_tokens in (10_000, 1):
+        directory = tmp_path / str(forward_tokens)
+        log = finetune(
+            tiny_model,
+            feedback_file,
+            directory / "adapter",
+            directory / "log.jsonl",
+            settings(epochs=2, lora_dropout=0.0, forward_tokens=forward_tokens, checkpoint_every=0),
+        )
+        runs[forward_tokens] = (log, adapter_weights(directory / "adapter"))
+    (whole_log, whole), (split_log, split) = runs[10_000], runs[1]
+    assert [s.loss for s in split_log] == pytest.approx([s.loss for s in whole_log], rel=1e-5)
+    assert [s.tokens for s in split_log] == [s.tokens for s in whole_log]
+    assert whole.keys() == split.keys()
+    # Adam turns a near-zero gradient into a full step of either sign, so compare each tensor
+    # as a whole rather than element by element.
+    for name in whole:
+        assert torch.linalg.norm(split[name] - whole[name]) <= 1e-3 * torch.linalg.norm(whole[name]), name
+
+
+def test_bfloat16_weights_train_float32_adapters(
+    tiny_model: Path, feedback_file: Path, tmp_path: Path
+) -> None:
+    """Frozen bfloat16 weights, float32 LoRA weights, bfloat16 compute: the loss falls as in
+    float32 (a half-precision copy of the LoRA weights that went stale after the first step
+    left it nearly flat)."""
+    log = finetune(
+        tiny_model,
+        feedback_file,
+        tmp_path / "adapter",
+        tmp_path / "log.jsonl",
+        settings(epochs=8, learning_rate=5e-2, dtype="bfloat16", checkpoint_every=0),
+    )
+    first, last = sum(s.loss for s in log[:2]) / 2, sum(s.loss for s in log[-2:]) / 2
+    assert last < 0.8 * first
+    weights = adapter_weights(tmp_path / "adapter")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}

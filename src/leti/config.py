@@ -144,6 +144,11 @@ class FinetuneConfig(Section):
     epochs: Count = 1
     batch_size: Count = 4
     gradient_accumulation_steps: Count = 1
+    forward_tokens: Count = Field(
+        default=512,
+        description="Padded tokens per forward pass: a larger batch runs in several passes, "
+        "with the same gradients and less memory.",
+    )
     max_length: Count = Field(default=1024, description="Longer training texts are cut to this many tokens.")
     loss_on: Literal["all", "program"] = Field(
         default="all",
