@@ -27,6 +27,7 @@ $(BIN)/.installed: pyproject.toml
 run: setup docker-engine
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html
+	$(BIN)/leti timings benchmarks
 	$(BIN)/leti summary results
 	@echo "report: results/report.html"
 

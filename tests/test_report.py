@@ -9,7 +9,7 @@ import pytest
 
 from leti.io import write_json, write_jsonl
 from leti.records import Execution, ExecutionStatus, FeedbackExample, Metrics, Problem, Sample, TrainStep
-from leti.report import pass_at_k_table, summarize
+from leti.report import outcome_table, pass_at_k_table, rule_times, summarize, timing_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -75,6 +75,10 @@ def test_summary_has_one_row_per_arm_iteration_dataset_and_metric(results: Path,
     table = pass_at_k_table(summary)
     assert list(table.columns) == ["experiment", "iteration", "mbpp/test pass@1"]
     assert len(table) == 4
+    outcomes = outcome_table(summary).set_index(["experiment", "iteration"])
+    assert list(outcomes.columns) == ["tasks", "passed", "AssertionError"]
+    assert outcomes.loc[("binary", 1), "AssertionError"] == 8
+    assert outcomes.loc[("textual", 1), "passed"] == 4
 
 
 def leti(*args: str) -> subprocess.CompletedProcess:
@@ -86,6 +90,47 @@ def test_summary_command_prints_the_table(results: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     assert "mbpp/test pass@1" in shown.stdout
     assert "textual" in shown.stdout and "0.400" in shown.stdout
+    assert "AssertionError" in shown.stdout
+
+
+BENCHMARK_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def benchmark(path: Path, seconds: float, rss: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(BENCHMARK_HEADER + f"{seconds}\t0:00:00\t{rss}\t1\t1\t1\t0\t0\t50\t1\n")
+
+
+def test_timings_sum_the_benchmark_files_by_rule(tmp_path: Path) -> None:
+    root = tmp_path / "benchmarks"
+    benchmark(root / "prepare_model.tsv", 100.0, "900.5")
+    benchmark(root / "finetune" / "textual" / "iter1.tsv", 200.0, "4500")
+    benchmark(root / "finetune" / "binary" / "iter1.tsv", 150.0, "4400")
+    # A job too short for Snakemake to measure memory writes "-".
+    benchmark(root / "summarize.tsv", 2.0, "-")
+    jobs = timing_table(root)
+    assert set(jobs["job"]) == {
+        "prepare_model",
+        "finetune/textual/iter1",
+        "finetune/binary/iter1",
+        "summarize",
+    }
+    rules = rule_times(jobs).set_index("rule")
+    assert list(rules.index) == ["finetune", "prepare_model", "summarize"]
+    assert rules.loc["finetune", "jobs"] == 2
+    assert rules.loc["finetune", "seconds"] == 350.0
+    assert rules.loc["finetune", "longest_s"] == 200.0
+    assert rules.loc["finetune", "max_rss_mb"] == 4500.0
+    shown = leti("timings", str(root))
+    assert shown.returncode == 0, shown.stderr
+    assert "finetune" in shown.stdout and "4 jobs, 7.5 min" in shown.stdout
+
+
+def test_timings_name_a_file_that_is_no_benchmark(tmp_path: Path) -> None:
+    (tmp_path / "notes.tsv").write_text("a\tb\n1\t2\n")
+    shown = leti("timings", str(tmp_path))
+    assert shown.returncode != 0
+    assert "notes.tsv" in shown.stderr and "benchmark" in shown.stderr
 
 
 @pytest.fixture

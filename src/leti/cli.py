@@ -243,10 +243,20 @@ def summarize(
 
 @app.command()
 def summary(results: Annotated[Path, typer.Argument(exists=True, file_okay=False)] = Path("results")) -> None:
-    """Print the arm-by-iteration pass@k table of the metrics under RESULTS."""
+    """Print the arm-by-iteration pass@k and outcome tables of the metrics under RESULTS."""
     from leti.report import print_summary
 
     print_summary(results, Console())
+
+
+@app.command()
+def timings(
+    benchmarks: Annotated[Path, typer.Argument(exists=True, file_okay=False)] = Path("benchmarks"),
+) -> None:
+    """Per-rule wall times and peak memory, from Snakemake's benchmark files under BENCHMARKS."""
+    from leti.report import print_timings
+
+    print_timings(benchmarks, Console())
 
 
 @app.command()

@@ -66,6 +66,59 @@ def pass_at_k_table(summary: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
 
 
+def outcome_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm, iteration and task set; one column per outcome (passed, timeout or an
+    exception type), counting samples: how the errors shift from one iteration to the next."""
+    outcomes = summary[summary["metric"].str.startswith("outcome:")].copy()
+    outcomes["outcome"] = outcomes["metric"].str.removeprefix("outcome:")
+    outcomes["tasks"] = outcomes["dataset"] + "/" + outcomes["split"]
+    table = outcomes.pivot_table(
+        index=["experiment", "iteration", "tasks"], columns="outcome", values="value", fill_value=0
+    ).astype(int)
+    # passed first, then the errors from the most common down.
+    errors = table.drop(columns="passed", errors="ignore").sum().sort_values(ascending=False).index
+    ordered = (["passed"] if "passed" in table.columns else []) + list(errors)
+    return table[ordered].reset_index().rename_axis(columns=None)
+
+
+def timing_table(benchmarks: str | os.PathLike[str]) -> pd.DataFrame:
+    """Wall time and peak memory of every job, from Snakemake's benchmark files under
+    `benchmarks` (benchmarks/{rule}/....tsv or benchmarks/{rule}.tsv): one row per job."""
+    root = Path(benchmarks)
+    rows = []
+    for path in sorted(root.glob("**/*.tsv")):
+        job = path.relative_to(root).with_suffix("")
+        frame = pd.read_csv(path, sep="\t")
+        if frame.empty or "s" not in frame.columns:
+            raise ArtifactError(f"{path}: not a Snakemake benchmark file (no 's' column)")
+        rows.append(
+            {
+                "rule": job.parts[0],
+                "job": str(job),
+                "seconds": float(frame["s"].iloc[-1]),
+                "max_rss_mb": pd.to_numeric(frame["max_rss"], errors="coerce").iloc[-1],
+            }
+        )
+    if not rows:
+        raise ArtifactError(f"{benchmarks}: no benchmark files (*.tsv) under it")
+    return pd.DataFrame(rows)
+
+
+def rule_times(jobs: pd.DataFrame) -> pd.DataFrame:
+    """Per rule: number of jobs, summed and longest wall time, largest peak memory."""
+    return (
+        jobs.groupby("rule", sort=False)
+        .agg(
+            jobs=("job", "size"),
+            seconds=("seconds", "sum"),
+            longest_s=("seconds", "max"),
+            max_rss_mb=("max_rss_mb", "max"),
+        )
+        .sort_values("seconds", ascending=False)
+        .reset_index()
+    )
+
+
 def training_logs(paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
     """Steps of every train_log.jsonl, labelled with the policy its folder names (results/{arm}/iter{i}/)."""
     frames = []
@@ -278,8 +331,24 @@ def print_summary(results: str | os.PathLike[str], console: Console) -> None:
     paths = sorted(Path(results).glob("**/eval/*/*/metrics.json"))
     if not paths:
         raise ArtifactError(f"{results}: no metrics.json found under it")
-    table = pass_at_k_table(summary_table(paths))
-    view = Table(*[str(column) for column in table.columns])
-    for row in table.itertuples(index=False):
-        view.add_row(*[f"{value:.3f}" if isinstance(value, float) else str(value) for value in row])
-    console.print(view)
+    summary = summary_table(paths)
+    console.print(_rich_table(pass_at_k_table(summary), "pass@k"))
+    console.print(_rich_table(outcome_table(summary), "outcomes (samples)"))
+
+
+def print_timings(benchmarks: str | os.PathLike[str], console: Console) -> None:
+    """Per-rule wall times and peak memory of the jobs benchmarked under `benchmarks`."""
+    rules = rule_times(timing_table(benchmarks))
+    console.print(_rich_table(rules, "jobs by rule", float_format="{:.0f}"))
+    console.print(
+        f"{rules['jobs'].sum()} jobs, {rules['seconds'].sum() / 60:.1f} min of job wall time in all"
+    )
+
+
+def _rich_table(frame: pd.DataFrame, title: str, float_format: str = "{:.3f}") -> Table:
+    view = Table(*[str(column) for column in frame.columns], title=title)
+    for row in frame.itertuples(index=False):
+        view.add_row(
+            *[float_format.format(value) if isinstance(value, float) else str(value) for value in row]
+        )
+    return view
