@@ -75,10 +75,12 @@ def test_summary_has_one_row_per_arm_iteration_dataset_and_metric(results: Path,
     table = pass_at_k_table(summary)
     assert list(table.columns) == ["experiment", "iteration", "mbpp/test pass@1"]
     assert len(table) == 4
-    outcomes = outcome_table(summary).set_index(["experiment", "iteration"])
-    assert list(outcomes.columns) == ["tasks", "passed", "AssertionError"]
-    assert outcomes.loc[("binary", 1), "AssertionError"] == 8
-    assert outcomes.loc[("textual", 1), "passed"] == 4
+    outcomes = outcome_table(summary)
+    assert list(outcomes.columns) == ["tasks", "outcome", "base", "binary/iter1", "textual/iter1"]
+    assert outcomes.values.tolist() == [
+        ["mbpp/test", "passed", 3, 2, 4],
+        ["mbpp/test", "AssertionError", 7, 8, 6],
+    ]
 
 
 def leti(*args: str) -> subprocess.CompletedProcess:

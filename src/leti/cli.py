@@ -29,6 +29,13 @@ app.add_typer(sandbox_app, name="sandbox")
 
 stderr = Console(stderr=True, soft_wrap=True)
 
+
+def table_console() -> Console:
+    """Tables at their full width when written to a file or pipe (rich would fit them to 80
+    columns and cut the names)."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 InputFile = Annotated[Path, typer.Option(exists=True, dir_okay=False, readable=True)]
 OutputPath = Annotated[Path, typer.Option()]
 Settings = Annotated[str, typer.Option(help="The stage's config section as JSON (the rule passes it).")]
@@ -246,7 +253,7 @@ def summary(results: Annotated[Path, typer.Argument(exists=True, file_okay=False
     """Print the arm-by-iteration pass@k and outcome tables of the metrics under RESULTS."""
     from leti.report import print_summary
 
-    print_summary(results, Console())
+    print_summary(results, table_console())
 
 
 @app.command()
@@ -256,7 +263,7 @@ def timings(
     """Per-rule wall times and peak memory, from Snakemake's benchmark files under BENCHMARKS."""
     from leti.report import print_timings
 
-    print_timings(benchmarks, Console())
+    print_timings(benchmarks, table_console())
 
 
 @app.command()

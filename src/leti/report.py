@@ -67,18 +67,30 @@ def pass_at_k_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def outcome_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per arm, iteration and task set; one column per outcome (passed, timeout or an
-    exception type), counting samples: how the errors shift from one iteration to the next."""
-    outcomes = summary[summary["metric"].str.startswith("outcome:")].copy()
-    outcomes["outcome"] = outcomes["metric"].str.removeprefix("outcome:")
-    outcomes["tasks"] = outcomes["dataset"] + "/" + outcomes["split"]
+    """Samples by outcome (passed, timeout or an exception type): one row per task set and
+    outcome, one column per policy (base, then each arm's iterations), so that a row reads as
+    the shift of that error over the iterations."""
+    outcomes = summary[summary["metric"].str.startswith("outcome:")]
+    # The base model's rows are repeated for every arm; count them once.
+    outcomes = outcomes.drop_duplicates(["policy", "dataset", "split", "metric"]).assign(
+        outcome=lambda frame: frame["metric"].str.removeprefix("outcome:"),
+        tasks=lambda frame: frame["dataset"] + "/" + frame["split"],
+    )
     table = outcomes.pivot_table(
-        index=["experiment", "iteration", "tasks"], columns="outcome", values="value", fill_value=0
+        index=["tasks", "outcome"], columns="policy", values="value", fill_value=0
     ).astype(int)
+    policies = sorted(table.columns, key=_policy_order)
+    table = table[policies].reset_index().rename_axis(columns=None)
     # passed first, then the errors from the most common down.
-    errors = table.drop(columns="passed", errors="ignore").sum().sort_values(ascending=False).index
-    ordered = (["passed"] if "passed" in table.columns else []) + list(errors)
-    return table[ordered].reset_index().rename_axis(columns=None)
+    order = table.assign(_errors=table["outcome"] != "passed", _total=-table[policies].sum(axis=1))
+    return table.loc[order.sort_values(["tasks", "_errors", "_total", "outcome"]).index].reset_index(
+        drop=True
+    )
+
+
+def _policy_order(policy: str) -> tuple[bool, str, int]:
+    experiment, iteration = parse_policy(policy)
+    return experiment is not None, experiment or "", iteration
 
 
 def timing_table(benchmarks: str | os.PathLike[str]) -> pd.DataFrame:
@@ -333,7 +345,9 @@ def print_summary(results: str | os.PathLike[str], console: Console) -> None:
         raise ArtifactError(f"{results}: no metrics.json found under it")
     summary = summary_table(paths)
     console.print(_rich_table(pass_at_k_table(summary), "pass@k"))
-    console.print(_rich_table(outcome_table(summary), "outcomes (samples)"))
+    outcomes = outcome_table(summary)
+    for tasks, table in outcomes.groupby("tasks", sort=False):
+        console.print(_rich_table(table.drop(columns="tasks"), f"{tasks}: samples by outcome"))
 
 
 def print_timings(benchmarks: str | os.PathLike[str], console: Console) -> None:
