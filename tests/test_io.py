@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -9,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from leti.io import ArtifactError, atomic_directory, read_json, read_jsonl, write_json, write_jsonl
+from leti.io import (
+    ArtifactError,
+    atomic_directory,
+    read_json,
+    read_jsonl,
+    temporary_prefix,
+    write_json,
+    write_jsonl,
+)
 from leti.records import Execution, ExecutionStatus, Metrics, Sample
 
 
@@ -168,7 +177,28 @@ def test_writer_killed_mid_write_leaves_no_output(tmp_path: Path) -> None:
         process.kill()
     assert not path.exists()
     leftovers = list(path.parent.iterdir())
-    assert all(leftover.name.startswith(".samples.jsonl.") for leftover in leftovers)
+    assert leftovers and all(leftover.name.startswith(".samples.jsonl.") for leftover in leftovers)
+    # The rerun's write clears the dead writer's temporary.
+    write_jsonl(path, [])
+    assert list(path.parent.iterdir()) == [path]
+
+
+def test_only_temporaries_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(finished.stdout)
+    dead = tmp_path / f"{temporary_prefix(target, dead_pid)}abc.tmp"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
+    alive = tmp_path / f"{temporary_prefix(target, os.getppid())}def.tmp"
+    alive.write_text("still writing")
+    other_output = tmp_path / f".{target.name}-2.host-{dead_pid}.ghi.tmp"
+    other_output.write_text("not ours")
+    with atomic_directory(target) as folder:
+        (folder / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other_output.name, "model"])
 
 
 def test_atomic_directory_replaces_only_on_success(tmp_path: Path) -> None:

@@ -8,9 +8,11 @@ truncated one: Snakemake would otherwise treat a half-written file as done.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,12 +29,34 @@ class ArtifactError(LetiError):
     """An artifact file that does not hold what its type promises; the message names file and line."""
 
 
+def temporary_prefix(target: Path, pid: int | None = None) -> str:
+    """Temporaries name their writer, so that a later writer can tell a dead one's leftovers."""
+    return f".{target.name}.{socket.gethostname()}-{os.getpid() if pid is None else pid}."
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete the temporaries of `target` whose writer, on this host, is gone. A SIGKILLed job
+    never reaches its cleanup, and a half-written model folder is gigabytes. Writers on other
+    hosts of a shared filesystem are left alone: their liveness cannot be checked from here."""
+    import psutil
+
+    prefix = temporary_prefix(target, pid=0).removesuffix("0.")
+    for leftover in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = leftover.name.removeprefix(prefix).split(".", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it is renamed onto `path` only if the block succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -48,7 +72,8 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Like `atomic_path` for a directory: fill the yielded directory; it replaces `path` on success."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         tmp.chmod(_default_mode(0o777))

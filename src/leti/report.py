@@ -108,7 +108,9 @@ def timing_table(benchmarks: str | os.PathLike[str]) -> pd.DataFrame:
                 "rule": job.parts[0],
                 "job": str(job),
                 "seconds": float(frame["s"].iloc[-1]),
-                "max_rss_mb": pd.to_numeric(frame["max_rss"], errors="coerce").iloc[-1],
+                "max_rss_mb": pd.to_numeric(frame["max_rss"], errors="coerce").iloc[-1]
+                if "max_rss" in frame.columns
+                else float("nan"),
             }
         )
     if not rows:
