@@ -9,7 +9,15 @@ import pytest
 
 from leti.io import write_json, write_jsonl
 from leti.records import Execution, ExecutionStatus, FeedbackExample, Metrics, Problem, Sample, TrainStep
-from leti.report import outcome_table, pass_at_k_table, rule_times, summarize, timing_table
+from leti.report import (
+    error_types_figure,
+    outcome_table,
+    pass_at_k_table,
+    rule_times,
+    summarize,
+    summary_table,
+    timing_table,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -81,6 +89,24 @@ def test_summary_has_one_row_per_arm_iteration_dataset_and_metric(results: Path,
         ["mbpp/test", "passed", 3, 2, 4],
         ["mbpp/test", "AssertionError", 7, 8, 6],
     ]
+
+
+def test_an_outcome_has_one_colour_in_every_panel(results: Path) -> None:
+    # binary/iter1 gains a NameError that no other policy has: the panels' outcomes differ.
+    document = metrics("binary/iter1", 1, 0.2).model_copy(
+        update={"error_types": {"passed": 2, "NameError": 3, "AssertionError": 5}}
+    )
+    write_json(results / "binary" / "iter1" / "eval" / "mbpp" / "test" / "metrics.json", document)
+    figure = error_types_figure(summary_table(sorted(results.glob("**/metrics.json"))))
+    colours: dict[str, set] = {}
+    for axis in figure.axes:
+        for bars in axis.containers:
+            colours.setdefault(bars.get_label(), set()).add(tuple(bars.patches[0].get_facecolor()))
+    assert set(colours) == {"passed", "AssertionError", "NameError"}
+    assert all(len(found) == 1 for found in colours.values()), colours
+    assert len({next(iter(found)) for found in colours.values()}) == 3
+    legend = figure.legends[0]
+    assert [text.get_text() for text in legend.get_texts()] == ["passed", "AssertionError", "NameError"]
 
 
 def leti(*args: str) -> subprocess.CompletedProcess:

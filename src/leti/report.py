@@ -168,6 +168,11 @@ def plot_pass_at_k(summary: pd.DataFrame, path: str | os.PathLike[str]) -> None:
 
 
 def plot_error_types(summary: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    _save(error_types_figure(summary), path)
+
+
+def error_types_figure(summary: pd.DataFrame):
+    """Per arm and task set, the share of samples by outcome at each iteration."""
     import matplotlib.pyplot as plt
 
     outcomes = summary[summary["metric"].str.startswith("outcome:")].copy()
@@ -175,6 +180,11 @@ def plot_error_types(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Non
     groups = sorted(
         {(e, d, s) for e, d, s in outcomes[["experiment", "dataset", "split"]].itertuples(index=False)}
     )
+    # One colour per outcome in every panel, passed first: the legend is shared.
+    totals = outcomes.groupby("outcome")["value"].sum().sort_values(ascending=False)
+    order = ["passed", *(name for name in totals.index if name != "passed")]
+    palette = plt.get_cmap("tab20").colors
+    colours = {name: palette[index % len(palette)] for index, name in enumerate(order)}
     figure, axes = plt.subplots(
         1, max(len(groups), 1), figsize=(4.5 * max(len(groups), 1), 3.5), squeeze=False
     )
@@ -185,14 +195,17 @@ def plot_error_types(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Non
             & (outcomes["split"] == split)
         ]
         counts = group.pivot_table(index="iteration", columns="outcome", values="value", fill_value=0)
+        counts = counts.reindex(columns=order, fill_value=0)
         shares = counts.div(counts.sum(axis=1), axis=0)
-        shares.plot.bar(stacked=True, ax=axis, legend=False, width=0.8)
+        shares.plot.bar(
+            stacked=True, ax=axis, legend=False, width=0.8, color=[colours[name] for name in order]
+        )
         axis.set(title=f"{experiment}: {dataset}/{split}", xlabel="iteration", ylabel="share of samples")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        figure.legend(handles, labels, loc="center right", fontsize="small")
-        figure.subplots_adjust(right=0.82)
-    _save(figure, path)
+    if groups:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name]) for name in order]
+        # Outside the panels, right of the figure; savefig's tight box takes it in.
+        figure.legend(handles, order, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    return figure
 
 
 def plot_training_loss(logs: pd.DataFrame, path: str | os.PathLike[str]) -> None:
@@ -214,7 +227,7 @@ def _save(figure, path: str | os.PathLike[str]) -> None:
 
     figure.tight_layout()
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
