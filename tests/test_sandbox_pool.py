@@ -123,9 +123,10 @@ from leti.records import SandboxImage
 from leti.sandbox import open_pool
 
 image = read_json(sys.argv[1], SandboxImage)
-with open_pool(ExecuteConfig(timeout_s=3), 2, image) as pool:
+# The program outlasts any delay before the signal: a pool that finished on its own would exit 0.
+with open_pool(ExecuteConfig(timeout_s=120), 2, image) as pool:
     print("ready", flush=True)
-    pool.run("import time\\ntime.sleep(60)")
+    pool.run("import time\\ntime.sleep(600)")
 """
 
 
