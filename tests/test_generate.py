@@ -309,3 +309,21 @@ def test_cli_generate(base_model: Path, tasks: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     assert len(read_jsonl(output, Sample)) == 12
+
+
+def test_a_merged_policy_projects_the_last_position_without_broadcasting(
+    base_model: Path, tmp_path: Path
+) -> None:
+    """A merged adapter leaves frozen weights, and torch.matmul then multiplies a strided
+    [batch, 1, hidden] input by the output embedding broadcast over the batch (a bmm over
+    batch copies of it: 8 GB for 32 prompts on Qwen). load_policy must avoid that path."""
+    from torch.profiler import profile
+
+    model, _ = load_policy(base_model, lora_adapter(base_model, tmp_path / "adapter", 1))
+    assert not any(parameter.requires_grad for parameter in model.parameters())
+    # What the model's head receives when prefill asks for the last position only.
+    hidden = torch.randn(8, 5, model.config.hidden_size, dtype=model.dtype)[:, -1:, :]
+    with torch.inference_mode(), profile() as run:
+        logits = model.get_output_embeddings()(hidden)
+    assert logits.shape == (8, 1, model.config.vocab_size)
+    assert "aten::bmm" not in {event.name for event in run.events()}
