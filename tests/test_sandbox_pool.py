@@ -116,12 +116,16 @@ def test_leftovers_of_dead_owners_are_reaped_and_live_ones_kept(sandbox_image: S
 
 
 POOL_SCRIPT = """\
+import signal
 import sys
 from leti.config import ExecuteConfig
 from leti.io import read_json
 from leti.records import SandboxImage
 from leti.sandbox import open_pool
 
+# A shell that starts a job in the background sets SIGINT to ignored, and children inherit
+# that (CI may run the tests so); a user's Ctrl-C reaches Python's own handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 image = read_json(sys.argv[1], SandboxImage)
 # The program outlasts any delay before the signal: a pool that finished on its own would exit 0.
 with open_pool(ExecuteConfig(timeout_s=120), 2, image) as pool:
