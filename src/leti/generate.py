@@ -125,7 +125,7 @@ def load_policy(
 
     The base is loaded straight in the inference dtype, as fine-tuning loads it: a float32 copy
     first would double the peak memory (4 GB for Qwen-0.5B). Merged, the adapter costs nothing
-    per token; peft computes each delta in float32 and rounds the sum to the weight's dtype once.
+    per token.
     """
     target = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -144,7 +144,7 @@ def load_policy(
     # Prefill asks for the last position's logits only, a strided [batch, 1, hidden] slice.
     # torch.matmul folds such an input into a matrix when the weight requires grad; for a
     # frozen weight (as merge_and_unload leaves them) it broadcasts the 150k-row output
-    # embedding over the batch instead: 8 GB and 15 s for a prefill of 32 prompts.
+    # embedding over the batch instead: 8 GB for a prefill of 32 prompts.
     model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     model.to(target)
     model.eval()
