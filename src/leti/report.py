@@ -15,6 +15,8 @@ from leti.io import ArtifactError, read_json, read_jsonl
 from leti.layout import parse_policy
 from leti.records import Execution, FeedbackExample, Metrics, Problem, Sample, TrainStep
 
+# Summary metrics named "outcome:{passed, timeout or an exception type}" count samples.
+OUTCOME_PREFIX = "outcome:"
 SUMMARY_COLUMNS = ["experiment", "policy", "iteration", "dataset", "split", "metric", "value"]
 
 
@@ -31,7 +33,7 @@ def metrics_rows(metrics: Metrics, experiments: Sequence[str]) -> list[dict]:
         "num_problems": metrics.num_problems,
         "num_samples": metrics.num_samples,
         "mean_completion_tokens": metrics.mean_completion_tokens,
-        **{f"outcome:{name}": count for name, count in metrics.error_types.items()},
+        **{f"{OUTCOME_PREFIX}{name}": count for name, count in metrics.error_types.items()},
     }
     return [
         {
@@ -66,16 +68,19 @@ def pass_at_k_table(summary: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
 
 
+def outcome_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's outcome counts, with the outcome's name in an `outcome` column."""
+    outcomes = summary[summary["metric"].str.startswith(OUTCOME_PREFIX)]
+    return outcomes.assign(outcome=outcomes["metric"].str.removeprefix(OUTCOME_PREFIX))
+
+
 def outcome_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Samples by outcome (passed, timeout or an exception type): one row per task set and
     outcome, one column per policy (base, then each arm's iterations), so that a row reads as
     the shift of that error over the iterations."""
-    outcomes = summary[summary["metric"].str.startswith("outcome:")]
     # The base model's rows are repeated for every arm; count them once.
-    outcomes = outcomes.drop_duplicates(["policy", "dataset", "split", "metric"]).assign(
-        outcome=lambda frame: frame["metric"].str.removeprefix("outcome:"),
-        tasks=lambda frame: frame["dataset"] + "/" + frame["split"],
-    )
+    outcomes = outcome_rows(summary).drop_duplicates(["policy", "dataset", "split", "metric"])
+    outcomes = outcomes.assign(tasks=outcomes["dataset"] + "/" + outcomes["split"])
     table = outcomes.pivot_table(
         index=["tasks", "outcome"], columns="policy", values="value", fill_value=0
     ).astype(int)
@@ -175,8 +180,7 @@ def error_types_figure(summary: pd.DataFrame):
     """Per arm and task set, the share of samples by outcome at each iteration."""
     import matplotlib.pyplot as plt
 
-    outcomes = summary[summary["metric"].str.startswith("outcome:")].copy()
-    outcomes["outcome"] = outcomes["metric"].str.removeprefix("outcome:")
+    outcomes = outcome_rows(summary)
     groups = sorted(
         {(e, d, s) for e, d, s in outcomes[["experiment", "dataset", "split"]].itertuples(index=False)}
     )
