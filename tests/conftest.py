@@ -14,6 +14,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 # The copy beside the checkout on the project's machines; others download the pinned file.
 SHARED_MBPP = REPO.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+SHARED_GENEVA = REPO.parent / "shared" / "data" / "geneva"
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,17 @@ def mbpp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return download_mbpp(tmp_path_factory.mktemp("mbpp") / "mbpp.jsonl")
+
+
+@pytest.fixture(scope="session")
+def geneva_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A verified GENEVA folder (CC BY 3.0): $LETI_GENEVA_DIR, the shared copy, or a fresh download."""
+    from leti.tasks import download_geneva
+
+    for candidate in (os.environ.get("LETI_GENEVA_DIR"), SHARED_GENEVA):
+        if candidate and (Path(candidate) / "meta_data" / "event_ontology.json").is_file():
+            return Path(candidate)
+    return download_geneva(tmp_path_factory.mktemp("geneva"))
 
 
 def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:

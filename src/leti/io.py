@@ -124,6 +124,14 @@ def iter_jsonl(path: str | os.PathLike[str], record_type: type[RecordT]) -> Iter
     Raises ArtifactError naming `path:line` for the first line that is not valid JSON
     or does not match the record type.
     """
+    for _, record in iter_numbered_jsonl(path, record_type):
+        yield record
+
+
+def iter_numbered_jsonl(
+    path: str | os.PathLike[str], record_type: type[RecordT]
+) -> Iterator[tuple[int, RecordT]]:
+    """Like `iter_jsonl`, with each record's line number, for checks that name the line."""
     source = Path(path)
     try:
         handle = source.open(encoding="utf-8")
@@ -134,7 +142,7 @@ def iter_jsonl(path: str | os.PathLike[str], record_type: type[RecordT]) -> Iter
             if not line.strip():
                 continue
             try:
-                yield record_type.model_validate_json(line)
+                yield line_number, record_type.model_validate_json(line)
             except ValidationError as error:
                 raise ArtifactError(
                     f"{source}:{line_number}: not a valid {record_type.__name__} record: "

@@ -1,4 +1,11 @@
-"""Task sources (MBPP, HumanEval, custom JSONL) normalised into `Problem` records."""
+"""Task sources (MBPP, HumanEval, GENEVA and other event argument extraction data, custom JSONL)
+normalised into `Problem` records.
+
+GENEVA (Tanmay Parekh, I-Hung Hsu, Kuan-Hao Huang, Kai-Wei Chang, Nanyun Peng, "GENEVA: Benchmarking
+Generalizability for Event Argument Extraction with Hundreds of Event Types and Argument Roles", ACL 2023)
+is derived from FrameNet and licensed CC BY 3.0 (Creative Commons Attribution 3.0 Unported); its files
+are read unchanged from PlusLabNLP/GENEVA at a pinned commit.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from leti.eae import load_eae
 from leti.errors import LetiError
 from leti.io import atomic_path, file_sha256, iter_jsonl
 from leti.records import Problem
@@ -24,6 +32,23 @@ MBPP_SPLIT_RANGES = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 6
 # Instruct models close a Markdown fence after the code and then explain it in prose: "\n```".
 MBPP_STOP_SEQUENCES = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```", "\n<|/"]
 HUMANEVAL_STOP_SEQUENCES = [*MBPP_STOP_SEQUENCES, "\ndef", "\n#", "\n@"]
+
+
+# GENEVA's files at a fixed commit, by path in that repository, with their sha256s.
+GENEVA_COMMIT = "559e21e98ed16b00422b6cba91750c33cfe4bbcc"
+GENEVA_URL = f"https://raw.githubusercontent.com/PlusLabNLP/GENEVA/{GENEVA_COMMIT}"
+GENEVA_ONTOLOGY = "meta_data/event_ontology.json"
+GENEVA_SPLIT_FILES = {
+    "train": "data/lr/lr400/train-s150.json",  # the benchmark's low-resource set: 400 event mentions
+    "validation": "data/val.json",
+    "test": "data/test.json",
+}
+GENEVA_SHA256 = {
+    "data/val.json": "df23646948f76c3240c555b31d0386929076814465275071ecf5349ee2d98c71",
+    "data/test.json": "313cf9a334fb9d4e68244403cd01b7bd4e48530fee49b532bfd97f504e626627",
+    "data/lr/lr400/train-s150.json": "8c67196fc79ba9c3a7fd2a83c01f38c6c040105d38ea2bbd2ce1367c15b9feee",
+    GENEVA_ONTOLOGY: "62d82cce8f3380291f42f2499bb719ccc35cedc34f17b2b9f1c5a51b56a6340a",
+}
 
 
 class TaskSourceError(LetiError):
@@ -134,10 +159,31 @@ def load_custom(path: str | os.PathLike[str], dataset: str, split: str) -> list[
     return problems
 
 
+def geneva_files(directory: str | os.PathLike[str], split: str) -> tuple[Path, Path]:
+    """The split's OneIE file and the ontology inside a GENEVA folder laid out as its repository."""
+    if split not in GENEVA_SPLIT_FILES:
+        raise TaskSourceError(f"GENEVA has no split {split!r}; it has {', '.join(GENEVA_SPLIT_FILES)}")
+    return Path(directory) / GENEVA_SPLIT_FILES[split], Path(directory) / GENEVA_ONTOLOGY
+
+
 def load_task_set(
-    dataset: str, split: str, source: str | os.PathLike[str] | None, limit: int | None = None
+    dataset: str,
+    split: str,
+    source: str | os.PathLike[str] | None,
+    limit: int | None = None,
+    ontology: str | os.PathLike[str] | None = None,
+    strict: bool = False,
 ) -> list[Problem]:
-    """The problems of one task set, in source order, cut to the first `limit` when given."""
+    """The problems of one task set, in source order, cut to the first `limit` when given.
+
+    Event argument extraction sets (GENEVA, or any dataset given an `ontology`) read OneIE JSONL;
+    GENEVA's `source` may also be its folder. `strict` adds the verifier checks the reference lacks.
+    """
+    if source is not None and Path(source).is_dir():
+        if dataset != "geneva":
+            raise TaskSourceError(f"{source} is a folder; only GENEVA is read from one")
+        source, found_ontology = geneva_files(source, split)
+        ontology = ontology or found_ontology
     if dataset == "mbpp":
         if source is None:
             raise TaskSourceError("MBPP needs the path of mbpp.jsonl")
@@ -146,6 +192,12 @@ def load_task_set(
         if split != "test":
             raise TaskSourceError(f"HumanEval has only the split 'test', not {split!r}")
         problems = load_humaneval(source)
+    elif dataset == "geneva" or ontology is not None:
+        if source is None or ontology is None:
+            raise TaskSourceError(
+                f"event argument extraction set {dataset!r} needs a OneIE file and an ontology"
+            )
+        problems = load_eae(source, ontology, dataset, split, strict)
     else:
         if source is None:
             raise TaskSourceError(f"custom dataset {dataset!r} needs a JSONL file")
@@ -153,10 +205,8 @@ def load_task_set(
     return problems[:limit] if limit else problems
 
 
-def download_mbpp(
-    destination: str | os.PathLike[str], url: str = MBPP_URL, sha256: str = MBPP_SHA256
-) -> Path:
-    """Download MBPP and keep it only if its sha256 matches the pinned one."""
+def download_checked(url: str, destination: str | os.PathLike[str], sha256: str, offline_hint: str) -> Path:
+    """Download `url` to `destination` and keep it only if its sha256 matches the pinned one."""
     target = Path(destination)
     with atomic_path(target) as tmp:
         try:
@@ -164,14 +214,28 @@ def download_mbpp(
                 while chunk := response.read(1 << 16):
                     handle.write(chunk)
         except OSError as error:
-            raise TaskSourceError(
-                f"could not download MBPP from {url}: {error}. Without internet access, point "
-                "data.mbpp_path (or $LETI_MBPP_PATH) at a local copy of mbpp.jsonl."
-            ) from None
+            raise TaskSourceError(f"could not download {url}: {error}. {offline_hint}") from None
         digest = file_sha256(tmp)
         if digest != sha256:
-            raise TaskSourceError(f"downloaded MBPP has sha256 {digest}, expected {sha256}; not keeping it")
+            raise TaskSourceError(f"{url} has sha256 {digest}, expected {sha256}; not keeping it")
     return target
+
+
+def download_mbpp(
+    destination: str | os.PathLike[str], url: str = MBPP_URL, sha256: str = MBPP_SHA256
+) -> Path:
+    """Download MBPP and keep it only if its sha256 matches the pinned one."""
+    hint = "Without internet access, point data.mbpp_path (or $LETI_MBPP_PATH) at a local copy of mbpp.jsonl."
+    return download_checked(url, destination, sha256, hint)
+
+
+def download_geneva(directory: str | os.PathLike[str], base_url: str = GENEVA_URL) -> Path:
+    """Download GENEVA's splits and ontology at the pinned commit into `directory`, laid out as in
+    its repository, each file checked against its sha256. GENEVA is CC BY 3.0 (module docstring)."""
+    hint = "Without internet access, point data.geneva_dir (or $LETI_GENEVA_DIR) at a local copy."
+    for path, sha256 in GENEVA_SHA256.items():
+        download_checked(f"{base_url}/{path}", Path(directory) / path, sha256, hint)
+    return Path(directory)
 
 
 def _unix_newlines(text: str) -> str:
