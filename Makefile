@@ -13,6 +13,8 @@ TORCH_SPEC ?= torch==2.13.0
 # Use a local MBPP copy when one sits beside the checkout; otherwise the workflow
 # downloads the pinned public file and checks its sha256.
 export LETI_MBPP_PATH ?= $(wildcard $(abspath ../shared/data/mbpp/mbpp.jsonl))
+# The same for GENEVA (event argument extraction; CC BY 3.0), a folder laid out as its repository.
+export LETI_GENEVA_DIR ?= $(wildcard $(abspath ../shared/data/geneva))
 
 .PHONY: setup run dry-run test lint clean docker-engine slurm
 

@@ -3,6 +3,9 @@
 from leti.config import ConfigError, FeedbackSettings, FinetuneSettings, MetricsSettings, load_config
 from leti.layout import POLICY_PATTERN, parse_policy, policy_name
 from leti.model import resolve_source
+from leti.tasks import GENEVA_ONTOLOGY, GENEVA_SHA256, GENEVA_SPLIT_FILES
+
+GENEVA_DOWNLOAD_DIR = "resources/data/geneva"
 
 
 def _validated_config():
@@ -62,9 +65,32 @@ def task_source(wildcards):
     """The file a task set is read from; HumanEval ships inside its package."""
     if wildcards.dataset == "mbpp":
         return LETI.mbpp_path() or rules.download_mbpp.output[0]
+    if wildcards.dataset == "geneva":
+        return geneva_file(GENEVA_SPLIT_FILES[wildcards.split])
     if wildcards.dataset in LETI.data.custom:
         return LETI.data.custom[wildcards.dataset][wildcards.split]
+    if wildcards.dataset in LETI.data.eae:
+        return LETI.data.eae[wildcards.dataset].splits[wildcards.split]
     return []
+
+
+def task_ontology(wildcards):
+    """The ontology of an event argument extraction set: an input, so editing it rebuilds the tasks."""
+    if wildcards.dataset == "geneva":
+        return geneva_file(GENEVA_ONTOLOGY)
+    if wildcards.dataset in LETI.data.eae:
+        return LETI.data.eae[wildcards.dataset].ontology
+    return []
+
+
+def geneva_file(path):
+    """A GENEVA file, from the local folder or else as download_geneva fetches it."""
+    folder = LETI.geneva_dir()
+    return str(folder / path) if folder else f"{GENEVA_DOWNLOAD_DIR}/{path}"
+
+
+def strict_option(wildcards):
+    return "--strict" if LETI.data.eae_strict and LETI.task_metric(wildcards.dataset) == "eae" else ""
 
 
 def limit_option(wildcards):

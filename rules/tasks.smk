@@ -1,4 +1,5 @@
-# Problem sets: MBPP (local or downloaded), HumanEval (from its package), custom JSONL.
+# Problem sets: MBPP and GENEVA (local or downloaded), HumanEval (from its package), custom JSONL,
+# custom event argument extraction data (OneIE JSONL + ontology).
 
 
 rule download_mbpp:
@@ -17,13 +18,35 @@ rule download_mbpp:
         "leti tasks download-mbpp --output {output} > {log} 2>&1"
 
 
+# GENEVA (Parekh et al., ACL 2023; CC BY 3.0) at its pinned commit, every file checked by sha256.
+rule download_geneva:
+    output:
+        [f"{GENEVA_DOWNLOAD_DIR}/{path}" for path in GENEVA_SHA256],
+    params:
+        folder=GENEVA_DOWNLOAD_DIR,
+    threads: job_threads("download_geneva")
+    resources:
+        **job_resources("download_geneva"),
+    conda:
+        "../envs/leti.yaml"
+    log:
+        "logs/download_geneva.log",
+    benchmark:
+        "benchmarks/download_geneva.tsv"
+    shell:
+        "leti tasks download-geneva --output {params.folder} > {log} 2>&1"
+
+
 rule prepare_tasks:
     input:
         source=task_source,
+        ontology=task_ontology,
     output:
         "resources/tasks/{dataset}/{split}.jsonl",
     params:
         source=optional_flag("source"),
+        ontology=optional_flag("ontology"),
+        strict=strict_option,
         limit=limit_option,
     threads: job_threads("prepare_tasks")
     resources:
@@ -36,4 +59,4 @@ rule prepare_tasks:
         "benchmarks/prepare_tasks/{dataset}/{split}.tsv"
     shell:
         "leti tasks prepare --dataset {wildcards.dataset} --split {wildcards.split} "
-        "{params.source} {params.limit} --output {output} > {log} 2>&1"
+        "{params.source} {params.ontology} {params.strict} {params.limit} --output {output} > {log} 2>&1"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import shutil
 import subprocess
 import sys
 import threading
@@ -10,11 +11,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_snakemake
+from conftest import planned_jobs, run_snakemake
 
 from leti.io import ArtifactError, read_jsonl
 from leti.records import Problem
-from leti.tasks import MBPP_SHA256, TaskSourceError, download_mbpp, load_task_set
+from leti.tasks import (
+    GENEVA_SHA256,
+    MBPP_SHA256,
+    TaskSourceError,
+    download_geneva,
+    download_mbpp,
+    load_task_set,
+)
 
 SPLIT_SIZES = {"train": 374, "test": 500, "validation": 90, "prompt": 10}
 SPLIT_FIRST_IDS = {"prompt": 1, "test": 11, "validation": 511, "train": 601}
@@ -212,3 +220,124 @@ def test_cli_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     assert "error: MBPP needs the path of mbpp.jsonl" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+# GENEVA (CC BY 3.0; Parekh et al., ACL 2023): event argument extraction.
+
+GENEVA_SIZES = {"train": 400, "validation": 1442, "test": 1893}
+
+
+@pytest.mark.parametrize(("split", "size"), GENEVA_SIZES.items())
+def test_geneva_has_one_problem_per_event_mention(geneva_dir: Path, split: str, size: int) -> None:
+    problems = load_task_set("geneva", split, geneva_dir)
+    assert len(problems) == size
+    assert {problem.dataset for problem in problems} == {"geneva"}
+    assert all(problem.task_id.startswith(f"geneva/{split}/") for problem in problems)
+
+
+@pytest.fixture
+def serve_folder(tmp_path: Path) -> Iterator[callable]:
+    """Serve a copy of a folder over HTTP on 127.0.0.1 and give back its base URL."""
+    root = tmp_path / "www"
+    handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(root))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def serve(folder: Path) -> str:
+        shutil.copytree(folder, root)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    server.shutdown()
+
+
+def test_geneva_download_keeps_files_whose_sha256_match(
+    geneva_dir: Path, serve_folder, tmp_path: Path
+) -> None:
+    url = serve_folder(geneva_dir)
+    target = download_geneva(tmp_path / "geneva", base_url=url)
+    for path, sha256 in GENEVA_SHA256.items():
+        assert hashlib.sha256((target / path).read_bytes()).hexdigest() == sha256
+    assert len(load_task_set("geneva", "train", target)) == 400
+
+
+def test_geneva_download_rejects_a_tampered_file(geneva_dir: Path, serve_folder, tmp_path: Path) -> None:
+    url = serve_folder(geneva_dir)
+    served = tmp_path / "www" / "data" / "test.json"
+    served.chmod(0o644)
+    served.write_bytes(served.read_bytes() + b"\n")
+    with pytest.raises(
+        TaskSourceError, match=f"{url}/data/test.json has sha256 .*expected {GENEVA_SHA256['data/test.json']}"
+    ):
+        download_geneva(tmp_path / "geneva", base_url=url)
+    assert not (tmp_path / "geneva" / "data" / "test.json").exists()
+
+
+def test_geneva_download_failure_explains_the_offline_alternative(tmp_path: Path) -> None:
+    with pytest.raises(TaskSourceError, match=r"data.geneva_dir \(or \$LETI_GENEVA_DIR\)"):
+        download_geneva(tmp_path / "geneva", base_url="http://127.0.0.1:9")
+
+
+def test_cli_prepares_geneva_from_its_folder(geneva_dir: Path, tmp_path: Path) -> None:
+    leti = Path(sys.executable).parent / "leti"
+    output = tmp_path / "test.jsonl"
+    command = [str(leti), "tasks", "prepare", "--dataset", "geneva", "--split", "test"]
+    result = subprocess.run(
+        [*command, "--source", str(geneva_dir), "--limit", "5", "--output", str(output)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    problems = read_jsonl(output, Problem)
+    assert len(problems) == 5
+    assert problems[0].prompt.startswith("from __future__ import annotations\n")
+
+
+def test_snakemake_prepares_geneva_and_rebuilds_on_a_new_ontology_or_strictness(
+    workdir: Path, geneva_dir: Path, tmp_path: Path
+) -> None:
+    local = tmp_path / "geneva"
+    shutil.copytree(geneva_dir, local)
+    for path in local.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["data"]["geneva_dir"] = str(local)
+    config["data"]["limits"] = {"geneva/train": 7}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    target = "resources/tasks/geneva/train.jsonl"
+    (prepare,) = [job for job in planned_jobs(workdir, target) if job.rule == "prepare_tasks"]
+    assert set(prepare.inputs) == {
+        str(local / "data/lr/lr400/train-s150.json"),
+        str(local / "meta_data/event_ontology.json"),
+    }
+    result = run_snakemake(workdir, "--cores", "1", target)
+    assert result.returncode == 0, result.stderr
+    lenient = read_jsonl(workdir / target, Problem)
+    assert len(lenient) == 7
+    assert "Nothing to be done" in run_snakemake(workdir, "--dry-run", target).stdout
+
+    ontology = local / "meta_data" / "event_ontology.json"
+    ontology.write_text(ontology.read_text() + "\n")
+    assert [job.rule for job in planned_jobs(workdir, target)] == ["prepare_tasks"]
+
+    config["data"]["eae_strict"] = True
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(workdir, "--cores", "1", target)
+    assert result.returncode == 0, result.stderr
+    strict = read_jsonl(workdir / target, Problem)
+    assert [p.test_code.endswith("strict=True)\n") for p in strict] == [True] * 7
+    assert [p.prompt for p in strict] == [p.prompt for p in lenient]
+
+
+def test_without_a_local_copy_snakemake_downloads_geneva(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LETI_GENEVA_DIR", raising=False)
+    jobs = planned_jobs(workdir, "resources/tasks/geneva/test.jsonl")
+    (download,) = [job for job in jobs if job.rule == "download_geneva"]
+    assert sorted(download.outputs) == sorted(f"resources/data/geneva/{path}" for path in GENEVA_SHA256)
+    (prepare,) = [job for job in jobs if job.rule == "prepare_tasks"]
+    assert set(prepare.inputs) == {
+        "resources/data/geneva/data/test.json",
+        "resources/data/geneva/meta_data/event_ontology.json",
+    }

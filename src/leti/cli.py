@@ -44,19 +44,34 @@ Threads = Annotated[int, typer.Option(min=1, help="CPU threads to use.")]
 
 @tasks_app.command("prepare")
 def tasks_prepare(
-    dataset: Annotated[str, typer.Option(help="mbpp, humaneval, or a custom dataset name.")],
+    dataset: Annotated[str, typer.Option(help="mbpp, humaneval, geneva, or a custom dataset name.")],
     split: Annotated[str, typer.Option()],
     output: OutputPath,
     source: Annotated[
-        Path | None, typer.Option(exists=True, dir_okay=False, help="mbpp.jsonl, or the custom JSONL file.")
+        Path | None,
+        typer.Option(
+            exists=True,
+            help="mbpp.jsonl, the custom JSONL or OneIE file, or the GENEVA folder (or one of its files).",
+        ),
     ] = None,
+    ontology: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Event argument extraction: the ontology (GENEVA's is found in its folder).",
+        ),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Event argument extraction: also check entity types and unseen spans.")
+    ] = False,
     limit: Annotated[int | None, typer.Option(min=1, help="Keep only the first N problems.")] = None,
 ) -> None:
     """Write one task set as normalised Problem records (JSONL)."""
     from leti.io import write_jsonl
     from leti.tasks import load_task_set
 
-    problems = load_task_set(dataset, split, source, limit)
+    problems = load_task_set(dataset, split, source, limit, ontology, strict)
     count = write_jsonl(output, problems)
     stderr.print(f"{dataset}/{split}: {count} problems -> {output}")
 
@@ -68,6 +83,15 @@ def tasks_download_mbpp(output: OutputPath) -> None:
 
     download_mbpp(output)
     stderr.print(f"MBPP from {MBPP_URL} -> {output} (sha256 verified)")
+
+
+@tasks_app.command("download-geneva")
+def tasks_download_geneva(output: OutputPath) -> None:
+    """Download GENEVA (CC BY 3.0; Parekh et al., ACL 2023) at its pinned commit and verify every sha256."""
+    from leti.tasks import GENEVA_URL, download_geneva
+
+    download_geneva(output)
+    stderr.print(f"GENEVA from {GENEVA_URL} -> {output} (sha256 verified)")
 
 
 @config_app.command("check")

@@ -25,6 +25,9 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 
 MBPP_SPLITS = ("prompt", "test", "validation", "train")
 MBPP_PATH_ENV = "LETI_MBPP_PATH"
+GENEVA_SPLITS = ("train", "validation", "test")
+GENEVA_DIR_ENV = "LETI_GENEVA_DIR"
+BUILTIN_DATASETS = ("mbpp", "humaneval", "geneva")
 
 
 class ConfigError(LetiError):
@@ -33,6 +36,13 @@ class ConfigError(LetiError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EaeDataset(Section):
+    """A user's event argument extraction data set: OneIE JSONL files and their ontology."""
+
+    ontology: Path
+    splits: dict[Name, Path] = Field(min_length=1)
 
 
 class DataConfig(Section):
@@ -47,6 +57,21 @@ class DataConfig(Section):
     limits: dict[str, Count] = Field(
         default_factory=dict,
         description='Keep only the first N problems of a task set, e.g. {"mbpp/train": 32}.',
+    )
+    geneva_dir: Path | None = Field(
+        default=None,
+        description=f"A local GENEVA folder laid out as its repository (data/, meta_data/). If null, "
+        f"${GENEVA_DIR_ENV}; if unset too, the pinned public files are downloaded and checked.",
+    )
+    eae: dict[Name, EaeDataset] = Field(
+        default_factory=dict,
+        description="Your own event argument extraction data: {dataset: {ontology: path, splits: {split: "
+        "path.jsonl}}}, OneIE JSONL; see README.",
+    )
+    eae_strict: bool = Field(
+        default=False,
+        description="Event argument extraction verifiers also reject a wrong entity type and a span that "
+        "is not in the sentence (the reference lets both pass).",
     )
 
 
@@ -220,6 +245,7 @@ class JobResources(Section):
 # Every rule of the workflow, and those that run a model (they get GPUs on `device: cuda`).
 RULES = (
     "download_mbpp",
+    "download_geneva",
     "prepare_tasks",
     "prepare_model",
     "build_sandbox",
@@ -254,6 +280,7 @@ class ResourcesConfig(Section):
 
     default: JobResources = Field(default_factory=JobResources)
     download_mbpp: JobResources = Field(default_factory=JobResources)
+    download_geneva: JobResources = Field(default_factory=JobResources)
     prepare_tasks: JobResources = Field(default_factory=JobResources)
     prepare_model: JobResources = Field(default_factory=JobResources)
     build_sandbox: JobResources = Field(default_factory=JobResources)
@@ -301,9 +328,13 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _task_sets_exist(self) -> Config:
-        clashes = {"mbpp", "humaneval"} & set(self.data.custom)
-        if clashes:
-            raise ValueError(f"data.custom: {', '.join(sorted(clashes))} is a built-in dataset name")
+        for key, names in {"data.custom": self.data.custom, "data.eae": self.data.eae}.items():
+            clashes = set(BUILTIN_DATASETS) & set(names)
+            if clashes:
+                raise ValueError(f"{key}: {', '.join(sorted(clashes))} is a built-in dataset name")
+        both = set(self.data.custom) & set(self.data.eae)
+        if both:
+            raise ValueError(f"data.eae: {', '.join(sorted(both))} is also a data.custom dataset")
         known = set(self.task_sets())
         references = {
             "generate.tasks": [self.generate.tasks],
@@ -319,8 +350,15 @@ class Config(Section):
     def task_sets(self) -> list[str]:
         """Every task set name ("dataset/split") this config can refer to."""
         names = [f"mbpp/{split}" for split in MBPP_SPLITS] + ["humaneval/test"]
+        names += [f"geneva/{split}" for split in GENEVA_SPLITS]
         names += [f"{dataset}/{split}" for dataset, splits in self.data.custom.items() for split in splits]
+        names += [f"{name}/{split}" for name, dataset in self.data.eae.items() for split in dataset.splits]
         return names
+
+    def task_metric(self, dataset: str) -> str | None:
+        """The task-specific metric of a dataset's evaluations beside pass@k: "eae" (Arg-I / Arg-C
+        scores, `leti.eae.argument_counts`) for event argument extraction, else None."""
+        return "eae" if dataset == "geneva" or dataset in self.data.eae else None
 
     def used_task_sets(self) -> list[str]:
         return list(dict.fromkeys([self.generate.tasks, *self.evaluate.tasks]))
@@ -360,6 +398,13 @@ class Config(Section):
         from_env = os.environ.get(MBPP_PATH_ENV, "")
         return Path(from_env) if from_env else None
 
+    def geneva_dir(self) -> Path | None:
+        """The local GENEVA folder to read, or None when it must be downloaded."""
+        if self.data.geneva_dir is not None:
+            return self.data.geneva_dir
+        from_env = os.environ.get(GENEVA_DIR_ENV, "")
+        return Path(from_env) if from_env else None
+
 
 def _missing_files(config: Config) -> list[str]:
     problems = []
@@ -371,6 +416,24 @@ def _missing_files(config: Config) -> list[str]:
         for split, path in splits.items():
             if not path.is_file():
                 problems.append(f"data.custom.{dataset}.{split}: no such file: {path}")
+    geneva_key = "data.geneva_dir" if config.data.geneva_dir is not None else f"${GENEVA_DIR_ENV}"
+    if (geneva := config.geneva_dir()) is not None:
+        from leti.tasks import GENEVA_SHA256
+
+        if not geneva.is_dir():
+            problems.append(f"{geneva_key}: no such folder: {geneva}")
+        else:
+            missing = [path for path in GENEVA_SHA256 if not (geneva / path).is_file()]
+            problems += [f"{geneva_key}: no file {path} in {geneva}" for path in missing]
+    for name, dataset in config.data.eae.items():
+        files = {"ontology": dataset.ontology} | {
+            f"splits.{split}": path for split, path in dataset.splits.items()
+        }
+        problems += [
+            f"data.eae.{name}.{key}: no such file: {path}"
+            for key, path in files.items()
+            if not path.is_file()
+        ]
     source = config.model.source
     looks_local = source.endswith(".gguf") or source.startswith(("/", "./", "../", "~"))
     if looks_local and not Path(source).expanduser().exists():
