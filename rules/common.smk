@@ -1,5 +1,7 @@
 # Config validation, wildcard constraints and the input functions of every rule.
 
+from pathlib import Path
+
 from leti.config import ConfigError, FeedbackSettings, FinetuneSettings, MetricsSettings, load_config
 from leti.layout import POLICY_PATTERN, parse_policy, policy_name
 from leti.model import resolve_source
@@ -87,6 +89,12 @@ def geneva_file(path):
     """A GENEVA file, from the local folder or else as download_geneva fetches it."""
     folder = LETI.geneva_dir()
     return str(folder / path) if folder else f"{GENEVA_DOWNLOAD_DIR}/{path}"
+
+
+def geneva_download_folder(wildcards, output):
+    """The folder download_geneva fills: its first output without GENEVA's own path."""
+    depth = len(Path(next(iter(GENEVA_SHA256))).parts)
+    return str(Path(output[0]).parents[depth - 1])
 
 
 def strict_option(wildcards):

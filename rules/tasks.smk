@@ -23,7 +23,7 @@ rule download_geneva:
     output:
         [f"{GENEVA_DOWNLOAD_DIR}/{path}" for path in GENEVA_SHA256],
     params:
-        folder=GENEVA_DOWNLOAD_DIR,
+        folder=geneva_download_folder,
     threads: job_threads("download_geneva")
     resources:
         **job_resources("download_geneva"),

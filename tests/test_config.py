@@ -152,3 +152,65 @@ def test_snakemake_names_a_missing_mbpp_file(workdir: Path, tmp_path: Path) -> N
     assert result.returncode != 0
     assert "data.mbpp_path: no such file: /nowhere/mbpp.jsonl" in result.stderr
     assert_nothing_ran(workdir)
+
+
+# Event argument extraction: GENEVA and your own OneIE data.
+
+
+def test_geneva_task_sets_and_the_eae_metric(raw_config: dict, geneva_dir: Path) -> None:
+    raw_config["data"]["geneva_dir"] = str(geneva_dir)
+    raw_config["evaluate"]["tasks"] = ["geneva/test", "mbpp/test"]
+    config = load_config(raw_config)
+    assert {"geneva/train", "geneva/validation", "geneva/test"} <= set(config.task_sets())
+    assert config.geneva_dir() == geneva_dir
+    assert config.task_metric("geneva") == "eae"
+    assert config.task_metric("mbpp") is None
+    assert config.task_metric("humaneval") is None
+    assert config.data.eae_strict is False
+
+
+def test_custom_eae_datasets_become_task_sets(raw_config: dict, tmp_path: Path) -> None:
+    for name in ("ace.jsonl", "ontology.json"):
+        (tmp_path / name).write_text("")
+    raw_config["data"]["eae"] = {
+        "ace": {"ontology": str(tmp_path / "ontology.json"), "splits": {"test": str(tmp_path / "ace.jsonl")}}
+    }
+    raw_config["data"]["eae_strict"] = True
+    raw_config["evaluate"]["tasks"] = ["ace/test"]
+    config = load_config(raw_config)
+    assert "ace/test" in config.task_sets()
+    assert config.task_metric("ace") == "eae"
+    assert config.data.eae_strict is True
+
+
+def test_eae_config_errors_name_their_key(
+    raw_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw_config["data"]["eae"] = {
+        "ace": {"ontology": str(tmp_path / "gone.json"), "splits": {"test": str(tmp_path / "gone.jsonl")}},
+        "bad": {"ontology": str(tmp_path / "o.json"), "split": {}},
+    }
+    raw_config["data"]["geneva_dir"] = str(tmp_path / "no-geneva")
+    message = config_error(raw_config)
+    assert "data.eae.bad.split: unknown key" in message
+    assert "data.eae.bad.splits: Field required" in message
+    del raw_config["data"]["eae"]["bad"]
+    message = config_error(raw_config)
+    assert f"data.eae.ace.ontology: no such file: {tmp_path / 'gone.json'}" in message
+    assert f"data.eae.ace.splits.test: no such file: {tmp_path / 'gone.jsonl'}" in message
+    assert f"data.geneva_dir: no such folder: {tmp_path / 'no-geneva'}" in message
+    raw_config["data"]["eae"] = {"geneva": raw_config["data"]["eae"]["ace"]}
+    assert "data.eae: geneva is a built-in dataset name" in config_error(raw_config)
+    del raw_config["data"]["eae"], raw_config["data"]["geneva_dir"]
+    (tmp_path / "half").mkdir()
+    monkeypatch.setenv("LETI_GENEVA_DIR", str(tmp_path / "half"))
+    assert f"$LETI_GENEVA_DIR: no file data/test.json in {tmp_path / 'half'}" in config_error(raw_config)
+
+
+def test_the_eae_config_is_valid(geneva_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LETI_GENEVA_DIR", str(geneva_dir))
+    config = load_config_file(REPO / "configs" / "eae.yaml")
+    assert config.generate.tasks == "geneva/train"
+    assert config.evaluate.tasks == ["geneva/test"]
+    assert set(config.experiments) == {"textual", "binary"}
+    assert config.iterations == 2

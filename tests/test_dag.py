@@ -102,3 +102,29 @@ def test_the_paper_config_plans_every_arm_at_full_scale(workdir: Path) -> None:
     assert counts["evaluate"] == eval_sets * (1 + arms * iterations)
     # The gold arm trains on reference solutions: no rollouts of its own policies.
     assert not any(o.startswith("results/gold/") and "/rollouts/" in o for job in jobs for o in job.outputs)
+
+
+def test_the_eae_config_plans_leti_on_geneva(workdir: Path, geneva_dir: Path, monkeypatch) -> None:
+    from conftest import REPO
+
+    monkeypatch.setenv("LETI_GENEVA_DIR", str(geneva_dir))
+    jobs = planned_jobs(workdir, "--configfile", str(REPO / "configs" / "eae.yaml"))
+    counts = Counter(job.rule for job in jobs)
+    arms, iterations = 2, 2
+    assert counts["finetune"] == counts["build_feedback"] == arms * iterations
+    assert counts["evaluate"] == 1 + arms * iterations
+    assert counts["generate"] == 1 + arms * (iterations - 1) + counts["evaluate"]
+    assert counts["prepare_tasks"] == 2
+    assert "download_geneva" not in counts
+    assert "results/base/rollouts/geneva/train/samples.jsonl" in {o for job in jobs for o in job.outputs}
+    assert "results/textual/iter2/eval/geneva/test/metrics.json" in {o for job in jobs for o in job.outputs}
+    prepare = producer(jobs, "resources/tasks/geneva/train.jsonl")
+    assert str(geneva_dir / "meta_data" / "event_ontology.json") in prepare.inputs
+
+
+def test_the_eae_config_passes_the_snakemake_linter(workdir: Path, geneva_dir: Path, monkeypatch) -> None:
+    from conftest import REPO, run_snakemake
+
+    monkeypatch.setenv("LETI_GENEVA_DIR", str(geneva_dir))
+    result = run_snakemake(workdir, "--lint", "--configfile", str(REPO / "configs" / "eae.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -159,7 +159,7 @@ def test_the_prompt_defines_typed_entity_classes_the_parent_and_the_event(tmp_pa
         '"""\n'
         "transport_event = Transport("
     )
-    assert problem.stop_sequences == ['"""', "\nclass", "\nprint", "\n#", "\n```"]
+    assert problem.stop_sequences == ['"""', "\nclass", "\nprint", "\n#", "\n```", "\ndef"]
     assert "\n" + problem.reference_solution == GOLD_COMPLETION
 
 
@@ -436,6 +436,9 @@ def test_counts_of_constructed_predictions(tmp_path: Path) -> None:
         completion(agent='ORG("the Coast Guard")', origin='GPE("Havana")'): (5, 3, 3, 3),
         # Duplicates count once; name= works like a positional name.
         completion(vehicle='VEH(name="boat"), VEH("boat")'): (3, 3, 2, 2),
+        # What follows the instance does not count, even when it does not parse.
+        completion(destination="") + "\n\ndef translate(sentence):\n    ": (2, 3, 2, 2),
+        '\n    vehicle=[VEH("a 30-foot Cuban patrol boat")])\nprint(transport_event': (1, 3, 1, 1),
         # Cut off before the end: it does not parse, so it predicts nothing.
         '\n    vehicle=[VEH("a 30-foot Cuban': (0, 3, 0, 0),
         # Parsed, never executed: an unknown class still names a span.

@@ -30,8 +30,10 @@ from leti.records import Problem
 
 # Where the reference cut generations (re.split on '"""', 'class', 'print', '#'). The last three are
 # anchored at a line start here, so that entity text such as "class action" or "#1" is not cut; a
-# docstring never belongs in a role line. The fence is for instruct models, as in MBPP.
-EAE_STOP_SEQUENCES = ['"""', "\nclass", "\nprint", "\n#", "\n```"]
+# docstring never belongs in a role line. Added: the fence of instruct models (as for MBPP), and "\ndef":
+# Qwen2.5-Coder often follows the instance with a helper function that the '"""' of its docstring cuts
+# into a SyntaxError, which would fail a correct instance.
+EAE_STOP_SEQUENCES = ['"""', "\nclass", "\nprint", "\n#", "\n```", "\ndef"]
 
 ONTOLOGY_HEADER = """from __future__ import annotations
 
@@ -420,34 +422,33 @@ def load_eae(
 
 
 def parsed_arguments(source: str) -> set[tuple[str, str]] | None:
-    """{(normalised span, keyword)} of the first `x = Event(...)` in `source`, None if it does not parse.
+    """{(normalised span, keyword)} of the `x = Event(...)` that `source` starts with; None if no prefix
+    of whole lines parses into it.
 
-    Each `Type("text")` or `Type(name="text")` inside a keyword's list or tuple is one argument;
-    anything else counts nothing.
+    The shortest such prefix is read, so what a model writes after the closing parenthesis (a helper
+    function cut at a stop sequence, say) does not matter, as Code4Struct's parser also keeps the lines
+    up to the closing one. Each `Type("text")` or `Type(name="text")` in a keyword's list or tuple is one
+    argument; anything else counts nothing.
     """
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return None
-    call = next(
-        (
-            node.value
-            for node in tree.body
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-        ),
-        None,
-    )
-    if call is None:
-        return None
-    found = set()
-    for keyword_node in call.keywords:
-        if keyword_node.arg is None or not isinstance(keyword_node.value, ast.List | ast.Tuple):
+    lines = source.split("\n")
+    for end in range(1, len(lines) + 1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+        except (SyntaxError, ValueError):
             continue
-        for element in keyword_node.value.elts:
-            text = _entity_text(element)
-            if text is not None:
-                found.add((normalise_span(text), keyword_node.arg))
-    return found
+        statement = tree.body[0] if tree.body else None
+        if not (isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Call)):
+            return None
+        found = set()
+        for keyword_node in statement.value.keywords:
+            if keyword_node.arg is None or not isinstance(keyword_node.value, ast.List | ast.Tuple):
+                continue
+            for element in keyword_node.value.elts:
+                text = _entity_text(element)
+                if text is not None:
+                    found.add((normalise_span(text), keyword_node.arg))
+        return found
+    return None
 
 
 def _entity_text(node: ast.expr) -> str | None:
