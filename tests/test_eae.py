@@ -8,6 +8,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import run_snakemake, tiny_pipeline_config
 
 from leti.config import ExecuteConfig
 from leti.eae import (
@@ -19,7 +21,8 @@ from leti.eae import (
     python_name,
 )
 from leti.execute import to_execution
-from leti.records import Execution, ExecutionStatus, Problem, Sample, SandboxImage
+from leti.io import read_json, read_jsonl
+from leti.records import Execution, ExecutionStatus, Metrics, Problem, Sample, SandboxImage
 from leti.sandbox import open_pool, run_programs
 from leti.tasks import GENEVA_SPLIT_FILES, load_task_set
 
@@ -493,3 +496,39 @@ def test_scores_are_zero_without_predictions_or_gold() -> None:
     nothing = {"predicted": 0, "gold": 0, "arg_i_matched": 0, "arg_c_matched": 0}
     assert set(argument_scores(nothing).values()) == {0.0}
     assert argument_scores(nothing | {"gold": 4})["arg_c_recall"] == 0.0
+
+
+# --- a user's OneIE data with a typed ontology, through the whole DAG on the tiny model
+
+
+@pytest.mark.slow
+def test_a_custom_eae_dataset_runs_end_to_end(tmp_path: Path, mbpp_path: Path, tiny_raw_model: Path) -> None:
+    rows = [json.loads(json.dumps(ROW).replace("d1-1", f"d1-{number}")) for number in range(1, 4)]
+    data, ontology = write_eae_files(tmp_path, rows)
+    config = tiny_pipeline_config(mbpp_path, tiny_raw_model, iterations=1)
+    config["data"]["eae"] = {
+        "ace": {"ontology": str(ontology), "splits": {"train": str(data), "test": str(data)}}
+    }
+    config["data"]["limits"] = {"ace/test": 2}
+    config["generate"]["tasks"] = "ace/train"
+    config["evaluate"]["tasks"] = ["ace/test"]
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+    run = run_snakemake(workdir, "--cores", "2")
+    assert run.returncode == 0, run.stderr[-5000:]
+
+    problems = read_jsonl(workdir / "resources/tasks/ace/train.jsonl", Problem)
+    assert [problem.task_id for problem in problems] == [
+        "ace/train/d1-1/EV1",
+        "ace/train/d1-2/EV1",
+        "ace/train/d1-3/EV1",
+    ]
+    assert all("class VEH(Entity):\n" in problem.prompt for problem in problems)
+    assert all("vehicle: List[VEH] = [],\n" in problem.prompt for problem in problems)
+    executions = read_jsonl(workdir / "results/base/rollouts/ace/train/executions.jsonl", Execution)
+    assert len(executions) == 3 * 2
+    for policy in ("base", "textual/iter1", "binary/iter1"):
+        metrics = read_json(workdir / "results" / policy / "eval/ace/test/metrics.json", Metrics)
+        assert (metrics.dataset, metrics.num_problems) == ("ace", 2)
