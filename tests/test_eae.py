@@ -12,14 +12,8 @@ import yaml
 from conftest import run_snakemake, tiny_pipeline_config
 
 from leti.config import ExecuteConfig
-from leti.eae import (
-    EaeSourceError,
-    argument_counts,
-    argument_scores,
-    load_eae,
-    load_ontology,
-    python_name,
-)
+from leti.eae import argument_counts, argument_scores, load_eae
+from leti.eae_ontology import EaeSourceError, load_ontology, python_name
 from leti.execute import to_execution
 from leti.io import read_json, read_jsonl
 from leti.records import Execution, ExecutionStatus, Metrics, Problem, Sample, SandboxImage
@@ -110,6 +104,7 @@ def write_eae_files(
 
 
 def transport_problem(folder: Path, strict: bool = False) -> Problem:
+    folder.mkdir(exist_ok=True)
     data, ontology = write_eae_files(folder)
     (problem,) = load_task_set("ace", "test", data, ontology=ontology, strict=strict)
     return problem
@@ -373,14 +368,8 @@ def test_every_verifier_message_through_the_docker_sandbox(
 
 
 def test_the_strict_verifier_closes_the_reference_gaps(tmp_path: Path, sandbox_image: SandboxImage) -> None:
-    lenient = (
-        transport_problem(tmp_path / "lenient", strict=False)
-        if (tmp_path / "lenient").mkdir() is None
-        else None
-    )
-    strict = (
-        transport_problem(tmp_path / "strict", strict=True) if (tmp_path / "strict").mkdir() is None else None
-    )
+    lenient = transport_problem(tmp_path / "lenient", strict=False)
+    strict = transport_problem(tmp_path / "strict", strict=True)
     assert lenient.prompt == strict.prompt and lenient.reference_solution == strict.reference_solution
     assert lenient.test_code != strict.test_code
     completions = [GOLD_COMPLETION] + [VERIFIER_CASES[name][0] for name in STRICT_CASES]
