@@ -16,6 +16,7 @@ import functools
 import inspect
 import json
 import os
+from collections import Counter
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -265,8 +266,8 @@ def load_eae(
                     stop_sequences=EAE_STOP_SEQUENCES,
                 )
             )
-    task_ids = [problem.task_id for problem in problems]
-    repeated = sorted({task_id for task_id in task_ids if task_ids.count(task_id) > 1})
+    counts = Counter(problem.task_id for problem in problems)
+    repeated = sorted(task_id for task_id, count in counts.items() if count > 1)
     if repeated:
         raise EaeSourceError(f"{path}: duplicate event mention {', '.join(repeated[:5])}")
     return problems
