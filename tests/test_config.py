@@ -152,3 +152,17 @@ def test_snakemake_names_a_missing_mbpp_file(workdir: Path, tmp_path: Path) -> N
     assert result.returncode != 0
     assert "data.mbpp_path: no such file: /nowhere/mbpp.jsonl" in result.stderr
     assert_nothing_ran(workdir)
+
+
+def test_reward_prefix_may_be_a_list_of_distinct_prefixes(raw_config: dict) -> None:
+    raw_config["evaluate"]["reward_prefix"] = ["good", "bad"]
+    config = load_config(raw_config)
+    assert config.evaluation_prefixes(0) == ["none"]
+    assert config.evaluation_prefixes(2) == ["good", "bad"]
+    assert config.generation_settings("eval", 1, "bad").reward_prefix == "bad"
+    assert config.generation_settings("eval", 1).reward_prefix == "good"
+    with pytest.raises(ValueError, match="use the prefix 'none'"):
+        config.generation_settings("eval", 0, "good")
+    raw_config["evaluate"]["reward_prefix"] = ["good", "good"]
+    with pytest.raises(ConfigError, match="evaluate.reward_prefix: .*each prefix once"):
+        load_config(raw_config)
