@@ -164,5 +164,5 @@ def test_reward_prefix_may_be_a_list_of_distinct_prefixes(raw_config: dict) -> N
     with pytest.raises(ValueError, match="use the prefix 'none'"):
         config.generation_settings("eval", 0, "good")
     raw_config["evaluate"]["reward_prefix"] = ["good", "good"]
-    with pytest.raises(ConfigError, match="evaluate.reward_prefix: .*each prefix once"):
+    with pytest.raises(ConfigError, match=r"evaluate.reward_prefix: .*each prefix once"):
         load_config(raw_config)

@@ -32,7 +32,7 @@ def metrics(
     policy: str, iteration: int, rate: float, dataset: str = "mbpp", prefix: str = "good", problems: int = 10
 ) -> Metrics:
     """An evaluation in which the first rate * problems problems pass and the rest fail an assert."""
-    solved = int(round(rate * problems))
+    solved = round(rate * problems)
     task_ids = [f"{dataset}/{index}" for index in range(problems)]
     executions = [
         Execution(
