@@ -528,9 +528,10 @@ def _print_counts(counts: pd.Series, name: str, console: Console) -> None:
 
 
 def _print_metrics(metrics: Metrics, console: Console) -> None:
-    table = Table("metric", "value")
-    for name, value in metrics.pass_at_k.items():
-        table.add_row(name, f"{value:.4f}")
+    table = Table("metric", "value [95% CI]")
+    for name, value in {**metrics.pass_at_k, **metrics.task_metrics}.items():
+        estimate = metrics.estimates.get(name)
+        table.add_row(name, with_ci(value, estimate.ci_low, estimate.ci_high) if estimate else f"{value:.3f}")
     table.add_row("problems", str(metrics.num_problems))
     table.add_row("samples", str(metrics.num_samples))
     table.add_row("mean completion tokens", f"{metrics.mean_completion_tokens:.1f}")
