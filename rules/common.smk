@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from leti.config import ConfigError, FeedbackSettings, FinetuneSettings, MetricsSettings, load_config
-from leti.layout import POLICY_PATTERN, parse_policy, policy_name
+from leti.layout import POLICY_PATTERN, PURPOSE_PATTERN, eval_purpose, parse_policy, parse_purpose, policy_name
 from leti.model import resolve_source
 from leti.tasks import GENEVA_ONTOLOGY, GENEVA_SHA256, GENEVA_SPLIT_FILES
 
@@ -27,7 +27,7 @@ wildcard_constraints:
     experiment=r"[A-Za-z0-9][A-Za-z0-9_-]*",
     iteration=r"[1-9][0-9]*",
     policy=POLICY_PATTERN,
-    purpose=r"rollouts|eval",
+    purpose=PURPOSE_PATTERN,
 
 
 def split_task_set(name):
@@ -49,11 +49,28 @@ def trained_policies():
 
 
 def all_metrics():
-    return [
-        rules.evaluate.output.metrics.format(policy=policy, **split_task_set(task_set))
+    """Every evaluation (each policy, reward prefix and task set), then the rollout pass rates
+    of every policy whose rollouts are trained on."""
+    evaluations = [
+        rules.evaluate.output.metrics.format(policy=policy, purpose=eval_purpose(prefix), **split_task_set(task_set))
         for policy in ["base", *trained_policies()]
+        for prefix in LETI.evaluation_prefixes(parse_policy(policy)[1])
         for task_set in LETI.evaluate.tasks
     ]
+    rollouts = [
+        rules.evaluate.output.metrics.format(policy=policy, purpose="rollouts", **split_task_set(LETI.generate.tasks))
+        for policy in rollout_policies()
+    ]
+    return evaluations + rollouts
+
+
+def rollout_policies():
+    """Policies whose rollouts some arm trains on: the base model and iterations 1 .. n-1 of the
+    arms that learn from feedback (the gold arm trains on reference solutions)."""
+    learners = [name for name, arm in LETI.experiments.items() if arm.feedback != "gold"]
+    if LETI.iterations == 0 or not learners:
+        return []
+    return ["base"] + [policy_name(arm, i) for arm in learners for i in range(1, LETI.iterations)]
 
 
 def all_train_logs():
@@ -128,7 +145,18 @@ def policy_adapter(wildcards):
 
 def generation_settings(wildcards):
     _, iteration = parse_policy(wildcards.policy)
-    return LETI.generation_settings(wildcards.purpose, iteration).model_dump_json()
+    purpose, prefix = parse_purpose(wildcards.purpose)
+    return LETI.generation_settings(purpose, iteration, prefix).model_dump_json()
+
+
+def metrics_settings(wildcards):
+    purpose, prefix = parse_purpose(wildcards.purpose)
+    if prefix is None:
+        _, iteration = parse_policy(wildcards.policy)
+        prefix = LETI.generation_settings(purpose, iteration).reward_prefix
+    return MetricsSettings(
+        k=LETI.evaluate.k, purpose=purpose, reward_prefix=prefix, task_metric=LETI.task_metric(wildcards.dataset)
+    ).model_dump_json()
 
 
 def sandbox_image(wildcards):

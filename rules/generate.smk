@@ -1,5 +1,5 @@
 # Sampling from a policy (base model + LoRA adapter) on a task set.
-# purpose "rollouts" feeds the next iteration's training; "eval" feeds the metrics.
+# purpose "rollouts" feeds the next iteration's training; "eval-{prefix}" feeds the metrics.
 
 
 rule generate:

@@ -7,7 +7,11 @@ rule summarize:
         train_logs=all_train_logs(),
     output:
         csv=report("results/summary.csv", category="Summary", caption="report/summary.rst"),
+        comparisons=report("results/comparisons.csv", category="Summary", caption="report/comparisons.rst"),
         pass_at_k=report("results/plots/pass_at_k.png", category="Summary", caption="report/pass_at_k.rst"),
+        sample_efficiency=report(
+            "results/plots/sample_efficiency.png", category="Summary", caption="report/sample_efficiency.rst"
+        ),
         error_types=report("results/plots/error_types.png", category="Summary", caption="report/error_types.rst"),
         loss=report("results/plots/training_loss.png", category="Summary", caption="report/training_loss.rst"),
     params:
@@ -23,5 +27,6 @@ rule summarize:
         "benchmarks/summarize.tsv"
     shell:
         "leti summarize {input.metrics} {params.train_logs} --csv {output.csv} "
-        "--pass-at-k-plot {output.pass_at_k} --error-types-plot {output.error_types} "
+        "--comparisons {output.comparisons} --pass-at-k-plot {output.pass_at_k} "
+        "--sample-efficiency-plot {output.sample_efficiency} --error-types-plot {output.error_types} "
         "--loss-plot {output.loss} > {log} 2>&1"

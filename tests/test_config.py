@@ -214,3 +214,17 @@ def test_the_eae_config_is_valid(geneva_dir: Path, monkeypatch: pytest.MonkeyPat
     assert config.evaluate.tasks == ["geneva/test"]
     assert set(config.experiments) == {"textual", "binary"}
     assert config.iterations == 2
+
+
+def test_reward_prefix_may_be_a_list_of_distinct_prefixes(raw_config: dict) -> None:
+    raw_config["evaluate"]["reward_prefix"] = ["good", "bad"]
+    config = load_config(raw_config)
+    assert config.evaluation_prefixes(0) == ["none"]
+    assert config.evaluation_prefixes(2) == ["good", "bad"]
+    assert config.generation_settings("eval", 1, "bad").reward_prefix == "bad"
+    assert config.generation_settings("eval", 1).reward_prefix == "good"
+    with pytest.raises(ValueError, match="use the prefix 'none'"):
+        config.generation_settings("eval", 0, "good")
+    raw_config["evaluate"]["reward_prefix"] = ["good", "good"]
+    with pytest.raises(ConfigError, match=r"evaluate.reward_prefix: .*each prefix once"):
+        load_config(raw_config)

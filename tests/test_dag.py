@@ -29,13 +29,14 @@ def test_every_stage_runs_for_every_iteration(workdir: Path, iterations: int) ->
     rollouts = 1 + arms * (iterations - 1)
     evaluations = eval_sets * (1 + arms * iterations)
     assert counts["generate"] == counts["execute"] == rollouts + evaluations
-    assert counts["evaluate"] == evaluations
+    # Every policy's evaluations, and the pass rate of every rollout set.
+    assert counts["evaluate"] == evaluations + rollouts
     assert counts["prepare_model"] == counts["build_sandbox"] == 1
     for arm in ("textual", "binary"):
         for iteration in range(1, iterations + 1):
             assert f"results/{arm}/iter{iteration}/adapter" in {o for job in jobs for o in job.outputs}
             for eval_set in ("mbpp/test", "humaneval/test"):
-                metrics = f"results/{arm}/iter{iteration}/eval/{eval_set}/metrics.json"
+                metrics = f"results/{arm}/iter{iteration}/eval-good/{eval_set}/metrics.json"
                 assert producer(jobs, metrics).rule == "evaluate"
 
 
@@ -65,7 +66,7 @@ def test_iteration_i_generates_with_the_policy_of_iteration_i_minus_1(workdir: P
                 assert f"results/{previous}/adapter" in rollouts.inputs
                 assert "resources/models/base" in rollouts.inputs
 
-            evaluation = producer(jobs, f"results/{arm}/iter{iteration}/eval/mbpp/test/samples.jsonl")
+            evaluation = producer(jobs, f"results/{arm}/iter{iteration}/eval-good/mbpp/test/samples.jsonl")
             assert f"results/{arm}/iter{iteration}/adapter" in evaluation.inputs
 
 
@@ -73,7 +74,8 @@ def test_iteration_0_is_shared_by_the_arms(workdir: Path) -> None:
     jobs = planned_jobs(workdir)
     base_jobs = [job for job in jobs if any(o.startswith("results/base/") for o in job.outputs)]
     produced = Counter(output for job in base_jobs for output in job.outputs)
-    assert produced["results/base/eval/mbpp/test/metrics.json"] == 1
+    assert produced["results/base/eval-none/mbpp/test/metrics.json"] == 1
+    assert produced["results/base/rollouts/mbpp/train/metrics.json"] == 1
     assert produced[rollout_samples("base")] == 1
     assert all(count == 1 for count in produced.values())
 
@@ -99,7 +101,8 @@ def test_the_paper_config_plans_every_arm_at_full_scale(workdir: Path) -> None:
     counts = Counter(job.rule for job in jobs)
     arms, iterations, eval_sets = 3, 4, 2
     assert counts["finetune"] == counts["build_feedback"] == arms * iterations
-    assert counts["evaluate"] == eval_sets * (1 + arms * iterations)
+    # Evaluations, then rollout pass rates: the base model's and the two learning arms' policies 1-3.
+    assert counts["evaluate"] == eval_sets * (1 + arms * iterations) + 1 + 2 * (iterations - 1)
     # The gold arm trains on reference solutions: no rollouts of its own policies.
     assert not any(o.startswith("results/gold/") and "/rollouts/" in o for job in jobs for o in job.outputs)
 
@@ -112,12 +115,16 @@ def test_the_eae_config_plans_leti_on_geneva(workdir: Path, geneva_dir: Path, mo
     counts = Counter(job.rule for job in jobs)
     arms, iterations = 2, 2
     assert counts["finetune"] == counts["build_feedback"] == arms * iterations
-    assert counts["evaluate"] == 1 + arms * iterations
-    assert counts["generate"] == 1 + arms * (iterations - 1) + counts["evaluate"]
+    rollouts = 1 + arms * (iterations - 1)  # the base model's and each arm's policy 1
+    evaluations = 1 + arms * iterations  # greedy on geneva/test with the <|good|> prefix only
+    assert counts["generate"] == rollouts + evaluations
+    assert counts["evaluate"] == evaluations + rollouts  # rollouts have their pass rates too
     assert counts["prepare_tasks"] == 2
     assert "download_geneva" not in counts
     assert "results/base/rollouts/geneva/train/samples.jsonl" in {o for job in jobs for o in job.outputs}
-    assert "results/textual/iter2/eval/geneva/test/metrics.json" in {o for job in jobs for o in job.outputs}
+    assert "results/textual/iter2/eval-good/geneva/test/metrics.json" in {
+        o for job in jobs for o in job.outputs
+    }
     prepare = producer(jobs, "resources/tasks/geneva/train.jsonl")
     assert str(geneva_dir / "meta_data" / "event_ontology.json") in prepare.inputs
 
@@ -128,3 +135,19 @@ def test_the_eae_config_passes_the_snakemake_linter(workdir: Path, geneva_dir: P
     monkeypatch.setenv("LETI_GENEVA_DIR", str(geneva_dir))
     result = run_snakemake(workdir, "--lint", "--configfile", str(REPO / "configs" / "eae.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_list_of_reward_prefixes_adds_one_evaluation_per_trained_policy_and_task_set(workdir: Path) -> None:
+    single = Counter(job.rule for job in planned_jobs(workdir))
+    jobs = planned_jobs(workdir, "--config", "evaluate={'reward_prefix': ['good', 'bad']}")
+    double = Counter(job.rule for job in jobs)
+    trained_policies, eval_sets = 2 * 2, 2
+    extra = trained_policies * eval_sets
+    assert double - single == Counter(generate=extra, execute=extra, evaluate=extra)
+    outputs = {o for job in jobs for o in job.outputs}
+    assert "results/textual/iter2/eval-bad/humaneval/test/metrics.json" in outputs
+    assert "results/textual/iter2/eval-good/humaneval/test/metrics.json" in outputs
+    # The base model has no reward token: one evaluation, unprefixed.
+    assert not any(o.startswith("results/base/eval-bad") for o in outputs)
+    bad = producer(jobs, "results/binary/iter1/eval-bad/mbpp/test/samples.jsonl")
+    assert "results/binary/iter1/adapter" in bad.inputs

@@ -491,6 +491,11 @@ def test_scores_are_zero_without_predictions_or_gold() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="leti.evaluate.task_metric_named does not map 'eae' to leti.eae.ArgumentMetric yet "
+    "(evaluate.py is wired by the statistics work); the evaluate jobs stop there",
+)
 def test_a_custom_eae_dataset_runs_end_to_end(tmp_path: Path, mbpp_path: Path, tiny_raw_model: Path) -> None:
     rows = [json.loads(json.dumps(ROW).replace("d1-1", f"d1-{number}")) for number in range(1, 4)]
     data, ontology = write_eae_files(tmp_path, rows)
@@ -501,6 +506,7 @@ def test_a_custom_eae_dataset_runs_end_to_end(tmp_path: Path, mbpp_path: Path, t
     config["data"]["limits"] = {"ace/test": 2}
     config["generate"]["tasks"] = "ace/train"
     config["evaluate"]["tasks"] = ["ace/test"]
+    config["evaluate"]["reward_prefix"] = "good"
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -518,6 +524,9 @@ def test_a_custom_eae_dataset_runs_end_to_end(tmp_path: Path, mbpp_path: Path, t
     assert all("vehicle: List[VEH] = [],\n" in problem.prompt for problem in problems)
     executions = read_jsonl(workdir / "results/base/rollouts/ace/train/executions.jsonl", Execution)
     assert len(executions) == 3 * 2
-    for policy in ("base", "textual/iter1", "binary/iter1"):
-        metrics = read_json(workdir / "results" / policy / "eval/ace/test/metrics.json", Metrics)
-        assert (metrics.dataset, metrics.num_problems) == ("ace", 2)
+    for folder in ("base/eval-none", "textual/iter1/eval-good", "binary/iter1/eval-good"):
+        metrics = read_json(workdir / "results" / folder / "ace/test/metrics.json", Metrics)
+        assert (metrics.dataset, metrics.num_problems, metrics.task_metric) == ("ace", 2, "eae")
+        assert set(metrics.task_metrics) == {
+            f"arg_{level}_{score}" for level in "ic" for score in ("precision", "recall", "f1")
+        }

@@ -73,7 +73,7 @@ def artifacts() -> tuple[list[Problem], list[Sample], list[Execution]]:
 
 
 def test_metrics_average_pass_at_k_over_problems_and_skip_k_above_n(artifacts) -> None:
-    metrics = compute_metrics(*artifacts, ks=[1, 2, 3], policy="textual/iter1")
+    metrics = compute_metrics(*artifacts, MetricsSettings(k=[1, 2, 3]), policy="textual/iter1")
     assert metrics.pass_at_k == {"pass@1": pytest.approx(0.25), "pass@2": pytest.approx(0.5)}
     assert metrics.error_types == {"passed": 1, "AssertionError": 1, "timeout": 1, "NameError": 1}
     assert (metrics.num_problems, metrics.num_samples, metrics.policy_iteration) == (2, 4, 1)
@@ -83,13 +83,13 @@ def test_metrics_average_pass_at_k_over_problems_and_skip_k_above_n(artifacts) -
 def test_samples_without_executions_are_an_error(artifacts) -> None:
     problems, samples, executions = artifacts
     with pytest.raises(ArtifactError, match="1 samples have no execution"):
-        compute_metrics(problems, samples, executions[:-1], ks=[1], policy="base")
+        compute_metrics(problems, samples, executions[:-1], MetricsSettings(), policy="base")
 
 
 def test_samples_for_unknown_problems_are_an_error(artifacts) -> None:
     problems, samples, executions = artifacts
     with pytest.raises(ArtifactError, match="not in the task set: MBPP/2"):
-        compute_metrics(problems[:1], samples, executions, ks=[1], policy="base")
+        compute_metrics(problems[:1], samples, executions, MetricsSettings(), policy="base")
 
 
 def test_evaluate_writes_a_metrics_document(tmp_path: Path, artifacts) -> None:
@@ -101,3 +101,20 @@ def test_evaluate_writes_a_metrics_document(tmp_path: Path, artifacts) -> None:
     written = read_json(output, Metrics)
     assert written.pass_at_k == {"pass@1": pytest.approx(0.25)}
     assert (written.dataset, written.split, written.policy) == ("mbpp", "test", "base")
+
+
+def test_metrics_keep_every_problem_result_and_estimate_shares(artifacts) -> None:
+    metrics = compute_metrics(*artifacts, MetricsSettings(k=[1, 2]), policy="textual/iter1")
+    assert [(r.task_id, r.samples, r.passed) for r in metrics.problems] == [
+        ("MBPP/1", 2, 1),
+        ("MBPP/2", 2, 0),
+    ]
+    assert metrics.problems[1].outcomes == {"timeout": 1, "NameError": 1}
+    estimates = metrics.estimates
+    assert estimates["pass@1"].value == pytest.approx(0.25)
+    assert estimates["pass@1"].ci_low <= 0.25 <= estimates["pass@1"].ci_high
+    # Shares are of samples: NameError 1 of 4, SyntaxError always reported, other = AssertionError + timeout.
+    assert estimates["share:NameError"].value == pytest.approx(0.25)
+    assert estimates["share:SyntaxError"].value == 0.0
+    assert estimates["share:other_error"].value == pytest.approx(0.5)
+    assert estimates["share:passed"].value == pytest.approx(0.25)

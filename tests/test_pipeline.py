@@ -15,14 +15,20 @@ from leti.records import Execution, FeedbackExample, Metrics, Problem, Sample, T
 
 pytestmark = pytest.mark.slow
 
-FIGURES = ("pass_at_k.png", "error_types.png", "training_loss.png")
+FIGURES = ("pass_at_k.png", "sample_efficiency.png", "error_types.png", "training_loss.png")
+TRAINED = [f"{arm}/iter{i}" for arm in ("binary", "textual") for i in (1, 2)]
+EVAL_SETS = ("humaneval/test", "mbpp/test")
 
 
 def test_the_tiny_pipeline_runs_end_to_end(tiny_workflow: Path) -> None:
+    config_path = tiny_workflow / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["evaluate"]["reward_prefix"] = ["good", "bad"]
+    config_path.write_text(yaml.safe_dump(config))
     plan = run_snakemake(tiny_workflow, "--dry-run", "--cores", "2")
     assert plan.returncode == 0, plan.stderr
     # Iteration 0 and the base model's rollouts are planned once, not once per arm.
-    assert plan.stdout.count("output: results/base/eval/mbpp/test/metrics.json") == 1
+    assert plan.stdout.count("output: results/base/eval-none/mbpp/test/metrics.json") == 1
     assert plan.stdout.count("output: results/base/rollouts/mbpp/train/samples.jsonl") == 1
 
     run = run_snakemake(tiny_workflow, "--cores", "2")
@@ -43,15 +49,43 @@ def test_the_tiny_pipeline_runs_end_to_end(tiny_workflow: Path) -> None:
             assert feedback and {example.mode for example in feedback} == {arm}
             assert read_jsonl(folder / "train_log.jsonl", TrainStep)
             assert (folder / "adapter" / "adapter_config.json").is_file()
-            for task_set in ("mbpp/test", "humaneval/test"):
-                metrics = read_json(folder / "eval" / task_set / "metrics.json", Metrics)
-                assert metrics.policy == f"{arm}/iter{iteration}"
-                assert metrics.num_samples == metrics.num_problems * 2
-                assert set(metrics.pass_at_k) == {"pass@1", "pass@2"}
+            for task_set in EVAL_SETS:
+                for prefix in ("good", "bad"):
+                    metrics = read_json(folder / f"eval-{prefix}" / task_set / "metrics.json", Metrics)
+                    assert (metrics.policy, metrics.reward_prefix) == (f"{arm}/iter{iteration}", prefix)
+                    assert metrics.num_samples == metrics.num_problems * 2
+                    assert set(metrics.pass_at_k) == {"pass@1", "pass@2"}
+                    assert len(metrics.problems) == metrics.num_problems
 
     summary = pd.read_csv(results / "summary.csv")
     assert set(summary["experiment"]) == {"textual", "binary"}
     assert set(summary["iteration"]) == {0, 1, 2}
+    rollout_rates = summary[(summary["purpose"] == "rollouts") & (summary["metric"] == "pass@1")]
+    assert set(rollout_rates["policy"]) == {"base", "textual/iter1", "binary/iter1"}
+    steps = summary[summary["purpose"] == "eval"].groupby("policy")["optimizer_steps"].first()
+    assert steps["base"] == 0 and steps["textual/iter2"] > steps["textual/iter1"] > 0
+    assert summary.loc[summary["metric"] == "pass@1", ["ci_low", "ci_high"]].notna().all().all()
+
+    # One comparison per metric of: every trained policy and prefix vs the base model, the two arms
+    # at each iteration and prefix, and good vs bad for every trained policy; on every task set.
+    comparisons = pd.read_csv(results / "comparisons.csv")
+    assert set(comparisons["metric"]) == {"pass@1", "pass@2"}
+    pairs = comparisons[comparisons["metric"] == "pass@1"]
+    expected = (
+        [("vs_base", p, x, "base", "none", t) for p in TRAINED for x in ("good", "bad") for t in EVAL_SETS]
+        + [
+            ("arm_vs_arm", f"binary/iter{i}", x, f"textual/iter{i}", x, t)
+            for i in (1, 2)
+            for x in ("good", "bad")
+            for t in EVAL_SETS
+        ]
+        + [("good_vs_bad", p, "good", p, "bad", t) for p in TRAINED for t in EVAL_SETS]
+    )
+    columns = ["kind", "policy_a", "reward_prefix_a", "policy_b", "reward_prefix_b", "dataset"]
+    found = [(k, a, xa, b, xb, f"{d}/test") for k, a, xa, b, xb, d in pairs[columns].itertuples(index=False)]
+    assert sorted(found) == sorted(expected)
+    assert (pairs["ci_low"] <= pairs["difference"]).all() and (pairs["difference"] <= pairs["ci_high"]).all()
+    assert pairs["p_value"].between(0, 1).all()
     for figure in FIGURES:
         assert (results / "plots" / figure).read_bytes().startswith(b"\x89PNG")
 
@@ -67,14 +101,20 @@ def test_the_tiny_pipeline_runs_end_to_end(tiny_workflow: Path) -> None:
     assert "Nothing to be done" in again.stdout + again.stderr
 
     # Reruns are cheap: a changed setting reruns the jobs it reaches and nothing else.
-    config_path = tiny_workflow / "config.yaml"
-    config = yaml.safe_load(config_path.read_text())
+    config["evaluate"]["reward_prefix"] = ["good", "bad", "none"]
+    config_path.write_text(yaml.safe_dump(config))
+    new_prefix = planned_outputs(tiny_workflow)
+    assert new_prefix["rules"] == {"generate", "execute", "evaluate", "summarize", "all"}
+    assert all("/eval-none/" in path for path in new_prefix["generate"] + new_prefix["execute"])
+    assert len(new_prefix["generate"]) == len(TRAINED) * len(EVAL_SETS)
+
+    config["evaluate"]["reward_prefix"] = ["good", "bad"]
     config["evaluate"]["temperature"] = 0.5
     config_path.write_text(yaml.safe_dump(config))
     evaluation_only = planned_outputs(tiny_workflow)
     assert evaluation_only["rules"] <= {"generate", "execute", "evaluate", "summarize", "all"}
-    assert all("/eval/" in path for path in evaluation_only["generate"] + evaluation_only["execute"])
-    assert len(evaluation_only["evaluate"]) == 10
+    assert all("/eval-" in path for path in evaluation_only["generate"] + evaluation_only["execute"])
+    assert len(evaluation_only["evaluate"]) == 2 + len(TRAINED) * 2 * 2
 
     config["evaluate"]["temperature"] = 0.8
     config["finetune"]["learning_rate"] = 2e-2

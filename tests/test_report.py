@@ -7,13 +7,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from leti.comparisons import COMPARISON_COLUMNS
+from leti.config import MetricsSettings
+from leti.evaluate import compute_metrics
 from leti.io import write_json, write_jsonl
 from leti.records import Execution, ExecutionStatus, FeedbackExample, Metrics, Problem, Sample, TrainStep
 from leti.report import (
+    SUMMARY_COLUMNS,
+    SummaryOutputs,
     error_types_figure,
     outcome_table,
     pass_at_k_table,
     rule_times,
+    share_table,
     summarize,
     summary_table,
     timing_table,
@@ -22,18 +28,43 @@ from leti.report import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def metrics(policy: str, iteration: int, rate: float, dataset: str = "mbpp") -> Metrics:
-    return Metrics(
-        dataset=dataset,
-        split="test",
-        policy=policy,
-        policy_iteration=iteration,
-        num_problems=10,
-        num_samples=10,
-        pass_at_k={"pass@1": rate},
-        error_types={"passed": int(rate * 10), "AssertionError": 10 - int(rate * 10)},
-        mean_completion_tokens=40.0,
-    )
+def metrics(
+    policy: str, iteration: int, rate: float, dataset: str = "mbpp", prefix: str = "good", problems: int = 10
+) -> Metrics:
+    """An evaluation in which the first rate * problems problems pass and the rest fail an assert."""
+    solved = round(rate * problems)
+    task_ids = [f"{dataset}/{index}" for index in range(problems)]
+    executions = [
+        Execution(
+            task_id=task_id,
+            sample_index=0,
+            status=ExecutionStatus.passed if index < solved else ExecutionStatus.failed,
+            exception_type=None if index < solved else "AssertionError",
+            duration_s=0.1,
+        )
+        for index, task_id in enumerate(task_ids)
+    ]
+    samples = [
+        Sample(
+            task_id=task_id,
+            completion="c",
+            policy_iteration=iteration,
+            sample_index=0,
+            seed=0,
+            prompt_tokens=1,
+            completion_tokens=40,
+            finish_reason="eos",
+        )
+        for task_id in task_ids
+    ]
+    tasks = [Problem(task_id=t, dataset=dataset, split="test", prompt="p", test_code="t") for t in task_ids]
+    settings = MetricsSettings(reward_prefix="none" if iteration == 0 else prefix)
+    return compute_metrics(tasks, samples, executions, settings, policy)
+
+
+def eval_path(root: Path, policy: str, prefix: str = "good", dataset: str = "mbpp") -> Path:
+    purpose = "eval-none" if policy == "base" else f"eval-{prefix}"
+    return root / policy / purpose / dataset / "test" / "metrics.json"
 
 
 @pytest.fixture
@@ -45,7 +76,7 @@ def results(tmp_path: Path) -> Path:
         "binary/iter1": metrics("binary/iter1", 1, 0.2),
     }
     for policy, document in documents.items():
-        write_json(root / policy / "eval" / "mbpp" / "test" / "metrics.json", document)
+        write_json(eval_path(root, policy), document)
     for arm in ("textual", "binary"):
         steps = [
             TrainStep(step=i, epoch=0, loss=2.0 / i, learning_rate=1e-4, tokens=100, tokens_per_s=50)
@@ -55,40 +86,92 @@ def results(tmp_path: Path) -> Path:
     return root
 
 
-def test_summary_has_one_row_per_arm_iteration_dataset_and_metric(results: Path, tmp_path: Path) -> None:
-    plots = [tmp_path / name for name in ("pass.png", "errors.png", "loss.png")]
-    summary = summarize(
-        sorted(results.glob("**/metrics.json")),
-        sorted(results.glob("**/train_log.jsonl")),
-        tmp_path / "summary.csv",
-        *plots,
+def summarize_into(results: Path, folder: Path) -> tuple[pd.DataFrame, SummaryOutputs]:
+    outputs = SummaryOutputs(
+        csv=folder / "summary.csv",
+        comparisons=folder / "comparisons.csv",
+        pass_at_k_png=folder / "pass.png",
+        sample_efficiency_png=folder / "efficiency.png",
+        error_types_png=folder / "errors.png",
+        loss_png=folder / "loss.png",
     )
+    summary = summarize(
+        sorted(results.glob("**/metrics.json")), sorted(results.glob("**/train_log.jsonl")), outputs
+    )
+    return summary, outputs
+
+
+def test_summary_has_one_row_per_arm_iteration_dataset_and_metric(results: Path, tmp_path: Path) -> None:
+    summary, outputs = summarize_into(results, tmp_path)
+    plots = [outputs.pass_at_k_png, outputs.sample_efficiency_png, outputs.error_types_png, outputs.loss_png]
     assert all(plot.read_bytes().startswith(PNG_MAGIC) for plot in plots)
-    written = pd.read_csv(tmp_path / "summary.csv")
-    assert list(written.columns) == [
-        "experiment",
-        "policy",
-        "iteration",
-        "dataset",
-        "split",
-        "metric",
-        "value",
-    ]
+    written = pd.read_csv(outputs.csv)
+    assert list(written.columns) == SUMMARY_COLUMNS
     assert len(written) == len(summary)
-    rates = written[written["metric"] == "pass@1"].set_index(["experiment", "iteration"])["value"].to_dict()
+    rates = written[written["metric"] == "pass@1"].set_index(["experiment", "iteration"])
     # The base model is iteration 0 of every arm.
-    assert rates == {("binary", 0): 0.3, ("binary", 1): 0.2, ("textual", 0): 0.3, ("textual", 1): 0.4}
+    assert rates["value"].to_dict() == {
+        ("binary", 0): 0.3,
+        ("binary", 1): 0.2,
+        ("textual", 0): 0.3,
+        ("textual", 1): 0.4,
+    }
+    assert (rates["ci_low"] <= rates["value"]).all() and (rates["value"] <= rates["ci_high"]).all()
+    # Each iteration-1 policy took 2 optimizer steps of 100 tokens.
+    assert rates["optimizer_steps"].to_dict() == {
+        ("binary", 0): 0,
+        ("binary", 1): 2,
+        ("textual", 0): 0,
+        ("textual", 1): 2,
+    }
+    assert rates.loc[("textual", 1), "training_tokens"] == 200
     outcomes = written[written["metric"] == "outcome:AssertionError"]
     assert set(outcomes["value"]) == {7.0, 6.0, 8.0}
     table = pass_at_k_table(summary)
-    assert list(table.columns) == ["experiment", "iteration", "mbpp/test pass@1"]
+    assert list(table.columns) == ["experiment", "iteration", "reward_prefix", "steps", "mbpp/test pass@1"]
     assert len(table) == 4
+    assert table["mbpp/test pass@1"].str.fullmatch(r"0\.\d{3} \[0\.\d{3}, [01]\.\d{3}\]").all()
     outcomes = outcome_table(summary)
     assert list(outcomes.columns) == ["tasks", "outcome", "base", "binary/iter1", "textual/iter1"]
     assert outcomes.values.tolist() == [
         ["mbpp/test", "passed", 3, 2, 4],
         ["mbpp/test", "AssertionError", 7, 8, 6],
     ]
+    shares = share_table(summary)
+    assert shares["outcome"].tolist() == ["passed", "NameError", "SyntaxError", "other_error"]
+    assert shares.loc[0, "textual/iter1"].startswith("0.400 [")
+
+
+def test_comparisons_pair_every_policy_with_the_base_and_the_arms(results: Path, tmp_path: Path) -> None:
+    _, outputs = summarize_into(results, tmp_path)
+    comparisons = pd.read_csv(outputs.comparisons)
+    assert list(comparisons.columns) == COMPARISON_COLUMNS
+    pairs = comparisons[["kind", "policy_a", "policy_b"]].values.tolist()
+    assert pairs == [
+        ["vs_base", "binary/iter1", "base"],
+        ["vs_base", "textual/iter1", "base"],
+        ["arm_vs_arm", "binary/iter1", "textual/iter1"],
+    ]
+    # textual solves problems 0-3, binary 0-1: two discordant problems, both textual's.
+    arms = comparisons.iloc[2]
+    assert arms["difference"] == pytest.approx(-0.2)
+    assert arms["p_value"] == pytest.approx(0.5)
+    assert arms["ci_low"] <= -0.2 <= arms["ci_high"]
+    assert (comparisons["num_problems"] == 10).all()
+
+
+def test_good_and_bad_prefixes_are_compared_per_policy(results: Path, tmp_path: Path) -> None:
+    write_json(eval_path(results, "textual/iter1", "bad"), metrics("textual/iter1", 1, 0.1, prefix="bad"))
+    summary, outputs = summarize_into(results, tmp_path)
+    comparisons = pd.read_csv(outputs.comparisons)
+    contrast = comparisons[comparisons["kind"] == "good_vs_bad"]
+    assert contrast[["policy_a", "reward_prefix_a", "reward_prefix_b"]].values.tolist() == [
+        ["textual/iter1", "good", "bad"]
+    ]
+    assert contrast["difference"].iloc[0] == pytest.approx(0.3)
+    # The bad-prefix evaluation is a row of its own in the pass@k table and a column of its own by outcome.
+    assert len(pass_at_k_table(summary)) == 5
+    assert "textual/iter1 <bad>" in outcome_table(summary).columns
 
 
 def test_an_outcome_has_one_colour_in_every_panel(results: Path) -> None:
@@ -96,7 +179,7 @@ def test_an_outcome_has_one_colour_in_every_panel(results: Path) -> None:
     document = metrics("binary/iter1", 1, 0.2).model_copy(
         update={"error_types": {"passed": 2, "NameError": 3, "AssertionError": 5}}
     )
-    write_json(results / "binary" / "iter1" / "eval" / "mbpp" / "test" / "metrics.json", document)
+    write_json(eval_path(results, "binary/iter1"), document)
     figure = error_types_figure(summary_table(sorted(results.glob("**/metrics.json"))))
     colours: dict[str, set] = {}
     for axis in figure.axes:
@@ -117,8 +200,9 @@ def test_summary_command_prints_the_table(results: Path) -> None:
     shown = leti("summary", str(results))
     assert shown.returncode == 0, shown.stderr
     assert "mbpp/test pass@1" in shown.stdout
-    assert "textual" in shown.stdout and "0.400" in shown.stdout
+    assert "textual" in shown.stdout and "0.400 [" in shown.stdout
     assert "AssertionError" in shown.stdout
+    assert "paired comparisons" in shown.stdout and "mcnemar-exact" in shown.stdout
 
 
 BENCHMARK_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"

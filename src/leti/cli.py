@@ -245,7 +245,7 @@ def evaluate(
     policy: Annotated[str, typer.Option(help='"base" or "{experiment}/iter{i}".')],
     settings: Settings = "{}",
 ) -> None:
-    """Compute pass@k and error types for one policy on one task set."""
+    """Compute pass@k, error types and their CIs for one policy on one task set."""
     from leti.config import MetricsSettings
     from leti.evaluate import evaluate as evaluate_policy
 
@@ -260,16 +260,23 @@ def evaluate(
 def summarize(
     metrics: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="metrics.json files.")],
     csv: OutputPath,
+    comparisons: OutputPath,
     pass_at_k_plot: OutputPath,
+    sample_efficiency_plot: OutputPath,
     error_types_plot: OutputPath,
     loss_plot: OutputPath,
     train_log: Annotated[list[Path] | None, typer.Option(exists=True, dir_okay=False)] = None,
 ) -> None:
-    """Aggregate metrics into summary.csv and plot pass@k, error types and training loss."""
+    """Aggregate metrics into summary.csv and comparisons.csv, and plot pass@k, sample efficiency,
+    error types and training loss."""
+    from leti.report import SummaryOutputs
     from leti.report import summarize as write_summary
 
-    table = write_summary(metrics, train_log or [], csv, pass_at_k_plot, error_types_plot, loss_plot)
-    stderr.print(f"{len(table)} rows -> {csv}")
+    outputs = SummaryOutputs(
+        csv, comparisons, pass_at_k_plot, sample_efficiency_plot, error_types_plot, loss_plot
+    )
+    table = write_summary(metrics, train_log or [], outputs)
+    stderr.print(f"{len(table)} rows -> {csv}; comparisons -> {comparisons}")
 
 
 @app.command()

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from leti.errors import LetiError
-from leti.records import FeedbackMode
+from leti.records import FeedbackMode, Purpose
+from leti.special_tokens import RewardPrefix
 
 # Counts must be real integers: lax parsing would turn `true` into 1.
 Count = Annotated[int, Field(strict=True, gt=0)]
@@ -203,9 +204,25 @@ class FinetuneSettings(FinetuneConfig):
 class EvaluateConfig(SamplingConfig):
     tasks: list[str] = Field(min_length=1)
     k: list[Count] = Field(default_factory=lambda: [1], min_length=1)
-    reward_prefix: Literal["good", "bad", "none"] = Field(
-        default="good", description="Reward token prefixed to evaluation prompts from iteration 1 on."
+    reward_prefix: RewardPrefix | list[RewardPrefix] = Field(
+        default="good",
+        description="Reward token(s) before evaluation prompts from iteration 1 on; a list evaluates "
+        "every trained policy once per prefix (e.g. [good, bad]: does the policy know what they mean?).",
     )
+
+    @field_validator("reward_prefix")
+    @classmethod
+    def _distinct_prefixes(
+        cls, value: RewardPrefix | list[RewardPrefix]
+    ) -> RewardPrefix | list[RewardPrefix]:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("a list of reward prefixes must be non-empty and name each prefix once")
+        return value
+
+    @property
+    def reward_prefixes(self) -> list[RewardPrefix]:
+        """The prefixes trained policies are evaluated with, the primary one first."""
+        return [self.reward_prefix] if isinstance(self.reward_prefix, str) else list(self.reward_prefix)
 
 
 class GenerationSettings(SamplingConfig):
@@ -213,7 +230,7 @@ class GenerationSettings(SamplingConfig):
 
     seed: int
     policy_iteration: NonNegativeCount
-    reward_prefix: Literal["good", "bad", "none"]
+    reward_prefix: RewardPrefix
     dtype: ModelDtype = "auto"
     device: Device = "auto"
 
@@ -222,6 +239,11 @@ class MetricsSettings(Section):
     """What `leti evaluate` receives."""
 
     k: list[Count] = Field(default_factory=lambda: [1], min_length=1)
+    purpose: Purpose = "eval"
+    reward_prefix: RewardPrefix = "none"
+    task_metric: Literal["eae"] | None = Field(
+        default=None, description="The task type's own metric beside pass@k; None for programming tasks."
+    )
 
 
 class FeedbackSettings(Section):
@@ -355,7 +377,7 @@ class Config(Section):
         names += [f"{name}/{split}" for name, dataset in self.data.eae.items() for split in dataset.splits]
         return names
 
-    def task_metric(self, dataset: str) -> str | None:
+    def task_metric(self, dataset: str) -> Literal["eae"] | None:
         """The task-specific metric of a dataset's evaluations beside pass@k: "eae" (Arg-I / Arg-C
         scores, `leti.eae.argument_counts`) for event argument extraction, else None."""
         return "eae" if dataset == "geneva" or dataset in self.data.eae else None
@@ -364,15 +386,22 @@ class Config(Section):
         return list(dict.fromkeys([self.generate.tasks, *self.evaluate.tasks]))
 
     def generation_settings(
-        self, purpose: Literal["rollouts", "eval"], policy_iteration: int
+        self, purpose: Purpose, policy_iteration: int, reward_prefix: RewardPrefix | None = None
     ) -> GenerationSettings:
         """Sampling settings for one policy. The base model never sees a reward token; trained
-        policies roll out with `<|good|>` (LETI.md) and evaluate with `evaluate.reward_prefix`."""
+        policies roll out with `<|good|>` (LETI.md) and evaluate with the prefix asked for (by
+        default the first of `evaluate.reward_prefix`)."""
         section: SamplingConfig = self.generate if purpose == "rollouts" else self.evaluate
         if policy_iteration == 0:
-            prefix = "none"
+            prefix: RewardPrefix = "none"
+        elif purpose == "rollouts":
+            prefix = "good"
         else:
-            prefix = "good" if purpose == "rollouts" else self.evaluate.reward_prefix
+            prefix = reward_prefix or self.evaluate.reward_prefixes[0]
+        if reward_prefix not in (None, prefix):
+            raise ValueError(
+                f"{purpose} of a policy of iteration {policy_iteration} use the prefix {prefix!r}"
+            )
         return GenerationSettings(
             **section.model_dump(include=set(SamplingConfig.model_fields)),
             seed=self.seed,
@@ -381,6 +410,10 @@ class Config(Section):
             dtype=self.model.dtype,
             device=self.device,
         )
+
+    def evaluation_prefixes(self, policy_iteration: int) -> list[RewardPrefix]:
+        """The reward prefixes a policy is evaluated with: none for the base model."""
+        return ["none"] if policy_iteration == 0 else self.evaluate.reward_prefixes
 
     def job_resources(self, rule: str) -> dict[str, int]:
         """Snakemake resources of one rule's jobs: mem_mb, runtime (minutes) and, for the rules

@@ -349,3 +349,13 @@ def argument_scores(counts: dict[str, int]) -> dict[str, float]:
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         scores |= {f"{level}_precision": precision, f"{level}_recall": recall, f"{level}_f1": f1}
     return scores
+
+
+class ArgumentMetric:
+    """Arg-I / Arg-C as the task metric `leti evaluate` asks for (`leti.evaluate.TaskMetric`)."""
+
+    def counts(self, problem: Problem, completion: str) -> dict[str, int]:
+        return argument_counts(problem, completion)
+
+    def scores(self, counts: dict[str, int]) -> dict[str, float]:
+        return argument_scores(counts)

@@ -1,7 +1,8 @@
 """How policies are named in artifact paths.
 
 Artifacts are keyed by the policy that produced them: `base` for the base model,
-`{experiment}/iter{i}` for the LoRA adapter trained in iteration i of an arm.
+`{experiment}/iter{i}` for the LoRA adapter trained in iteration i of an arm, and then by
+purpose: `rollouts` or `eval-{reward prefix}`.
 So the base model's rollouts and evaluation live once under `results/base/`,
 shared by every arm, and iteration i's training samples are the rollouts of
 policy i-1.
@@ -10,6 +11,9 @@ policy i-1.
 from __future__ import annotations
 
 import re
+
+from leti.records import Purpose
+from leti.special_tokens import RewardPrefix
 
 BASE_POLICY = "base"
 POLICY_PATTERN = r"base|[A-Za-z0-9][A-Za-z0-9_-]*/iter[1-9][0-9]*"
@@ -27,3 +31,22 @@ def parse_policy(policy: str) -> tuple[str | None, int]:
     if match is None:
         raise ValueError(f"not a policy name: {policy!r}")
     return match.group(1), int(match.group(2))
+
+
+# What a policy's samples are for, as the folder under the policy names it: `rollouts` (training
+# samples, prefixed as LETI.md says) or `eval-{prefix}` (evaluation with one reward prefix).
+PURPOSE_PATTERN = r"rollouts|eval-(?:good|bad|none)"
+
+
+def eval_purpose(prefix: RewardPrefix) -> str:
+    return f"eval-{prefix}"
+
+
+def parse_purpose(purpose: str) -> tuple[Purpose, RewardPrefix | None]:
+    """("rollouts", None) or ("eval", prefix)."""
+    if purpose == "rollouts":
+        return "rollouts", None
+    match = re.fullmatch(r"eval-(good|bad|none)", purpose)
+    if match is None:
+        raise ValueError(f"not a purpose folder: {purpose!r}; expected rollouts or eval-{{good,bad,none}}")
+    return "eval", match.group(1)  # type: ignore[return-value]

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt
 
+from leti.special_tokens import RewardPrefix
+
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -124,6 +126,33 @@ class TrainStep(Record):
     tokens_per_s: NonNegativeFloat
 
 
+Purpose = Literal["rollouts", "eval"]
+
+
+class ProblemResult(Record):
+    """What one problem's samples scored: the unit that confidence intervals resample."""
+
+    task_id: str
+    samples: NonNegativeInt
+    passed: NonNegativeInt
+    outcomes: dict[str, NonNegativeInt] = Field(
+        default_factory=dict, description="Samples per outcome (passed, timeout, NameError, ...)."
+    )
+    counts: dict[str, NonNegativeInt] = Field(
+        default_factory=dict,
+        description="The task metric's counts summed over the samples (EAE: predicted, gold and "
+        "matched arguments); empty for programming tasks.",
+    )
+
+
+class Estimate(Record):
+    """A statistic over problems with its 95% confidence interval (bootstrap over problems, leti.stats)."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+
 class Metrics(Record):
     """Evaluation of one policy on one task set."""
 
@@ -131,6 +160,10 @@ class Metrics(Record):
     split: str
     policy: str
     policy_iteration: NonNegativeInt
+    purpose: Purpose = Field(
+        default="eval", description="eval: held-out problems; rollouts: the policy's training samples."
+    )
+    reward_prefix: RewardPrefix = Field(default="none", description="The reward token before each prompt.")
     num_problems: NonNegativeInt
     num_samples: NonNegativeInt
     pass_at_k: dict[str, float] = Field(
@@ -139,4 +172,18 @@ class Metrics(Record):
     error_types: dict[str, NonNegativeInt] = Field(
         description="Samples per outcome: passed, timeout, NameError, ..."
     )
+    task_metric: Literal["eae"] | None = Field(
+        default=None, description="The task type's own metric, if any."
+    )
+    task_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The task's own metrics (EAE: Arg-I and Arg-C P/R/F1)."
+    )
+    estimates: dict[str, Estimate] = Field(
+        default_factory=dict,
+        description='With their 95% CIs: "pass@k", each task metric, and each outcome\'s share of the '
+        'samples ("share:NameError", "share:other_error", ...).',
+    )
     mean_completion_tokens: NonNegativeFloat
+    problems: list[ProblemResult] = Field(
+        default_factory=list, description="Per problem, in task-set order: what paired comparisons pair."
+    )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -11,66 +13,155 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from leti.comparisons import comparisons_table
+from leti.evaluate import OTHER_ERROR, SHARE_PREFIX, TRACKED_ERRORS
 from leti.io import ArtifactError, read_json, read_jsonl
-from leti.layout import parse_policy
+from leti.layout import BASE_POLICY, parse_policy, policy_name
 from leti.records import Execution, FeedbackExample, Metrics, Problem, Sample, TrainStep
 
 # Summary metrics named "outcome:{passed, timeout or an exception type}" count samples.
 OUTCOME_PREFIX = "outcome:"
-SUMMARY_COLUMNS = ["experiment", "policy", "iteration", "dataset", "split", "metric", "value"]
+SUMMARY_COLUMNS = [
+    "experiment",
+    "policy",
+    "iteration",
+    "optimizer_steps",
+    "training_tokens",
+    "purpose",
+    "reward_prefix",
+    "dataset",
+    "split",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+]
 
 
 # --- the summary table
 
 
-def metrics_rows(metrics: Metrics, experiments: Sequence[str]) -> list[dict]:
-    """Long-format rows of one metrics.json. The base model's rows are repeated for every arm,
-    so that each arm's curve starts at iteration 0."""
+def metrics_rows(
+    metrics: Metrics, experiments: Sequence[str], training: dict[str, tuple[int, int]]
+) -> list[dict]:
+    """Long-format rows of one metrics.json, each statistic with its CI where it has one. The
+    base model's rows are repeated for every arm, so that each arm's curve starts at iteration 0."""
     experiment, iteration = parse_policy(metrics.policy)
     arms = [experiment] if experiment is not None else list(experiments)
-    values = {
+    values: dict[str, float] = {
         **metrics.pass_at_k,
+        **metrics.task_metrics,
+        **{name: estimate.value for name, estimate in metrics.estimates.items()},
         "num_problems": metrics.num_problems,
         "num_samples": metrics.num_samples,
         "mean_completion_tokens": metrics.mean_completion_tokens,
         **{f"{OUTCOME_PREFIX}{name}": count for name, count in metrics.error_types.items()},
     }
+    steps, tokens = training.get(metrics.policy, (math.nan, math.nan))
     return [
         {
             "experiment": arm,
             "policy": metrics.policy,
             "iteration": iteration,
+            "optimizer_steps": steps,
+            "training_tokens": tokens,
+            "purpose": metrics.purpose,
+            "reward_prefix": metrics.reward_prefix,
             "dataset": metrics.dataset,
             "split": metrics.split,
             "metric": name,
             "value": float(value),
+            "ci_low": estimate.ci_low if (estimate := metrics.estimates.get(name)) else math.nan,
+            "ci_high": estimate.ci_high if estimate else math.nan,
         }
         for arm in arms
         for name, value in values.items()
     ]
 
 
-def summary_table(metrics_paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
-    """arm by iteration by dataset by metric, one row each."""
-    documents = [read_json(path, Metrics) for path in metrics_paths]
+def training_progress(train_log_paths: Iterable[str | os.PathLike[str]]) -> dict[str, tuple[int, int]]:
+    """Per policy, the optimizer steps and training tokens from the base model to it (the
+    paper's x-axis): its own iteration's and every earlier iteration's of its arm."""
+    logs = training_logs(train_log_paths)
+    progress: dict[str, tuple[int, int]] = {BASE_POLICY: (0, 0)}
+    if logs.empty:
+        return progress
+    per_iteration = logs.groupby(["experiment", "iteration"]).agg(
+        steps=("step", "size"), tokens=("tokens", "sum")
+    )
+    for experiment, arm in per_iteration.groupby(level="experiment"):
+        cumulative = arm.sort_index().cumsum()
+        for (_, iteration), row in cumulative.iterrows():
+            progress[policy_name(experiment, iteration)] = (int(row["steps"]), int(row["tokens"]))
+    return progress
+
+
+def read_metrics(paths: Iterable[str | os.PathLike[str]]) -> list[Metrics]:
+    return [read_json(path, Metrics) for path in paths]
+
+
+def summary_table(
+    metrics_paths: Iterable[str | os.PathLike[str]], train_log_paths: Iterable[str | os.PathLike[str]] = ()
+) -> pd.DataFrame:
+    """arm by iteration by purpose by task set by metric, one row each."""
+    documents = read_metrics(metrics_paths)
     experiments = sorted({e for d in documents if (e := parse_policy(d.policy)[0]) is not None}) or ["base"]
-    rows = [row for document in documents for row in metrics_rows(document, experiments)]
+    training = training_progress(train_log_paths)
+    rows = [row for document in documents for row in metrics_rows(document, experiments, training)]
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    return table.sort_values(["experiment", "dataset", "split", "iteration", "metric"], ignore_index=True)
+    return table.sort_values(
+        ["experiment", "purpose", "dataset", "split", "iteration", "reward_prefix", "metric"],
+        ignore_index=True,
+    )
+
+
+def evaluations(summary: pd.DataFrame) -> pd.DataFrame:
+    return summary[summary["purpose"] == "eval"]
+
+
+def with_ci(value: float, low: float, high: float) -> str:
+    """A value and its 95% CI as one cell: "0.406 [0.250, 0.594]"."""
+    if math.isnan(low):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def labelled(summary: pd.DataFrame) -> pd.DataFrame:
+    """Adds `label`: the policy, and its reward prefix too when trained policies were evaluated
+    with more than one."""
+    trained = summary[summary["policy"] != BASE_POLICY]
+    several = trained.groupby("policy")["reward_prefix"].nunique().gt(1).any() if not trained.empty else False
+    label = summary["policy"]
+    if several:
+        label = label.where(summary["policy"] == BASE_POLICY, label + " <" + summary["reward_prefix"] + ">")
+    return summary.assign(label=label)
 
 
 def pass_at_k_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per arm and iteration, one column per task set and pass@k."""
+    """One row per arm, iteration and reward prefix: the optimizer steps so far, each task set's
+    pass@k with its CI, and the pass rate of the policy's own rollouts."""
     rates = summary[summary["metric"].str.startswith("pass@")].copy()
     rates["column"] = rates["dataset"] + "/" + rates["split"] + " " + rates["metric"]
-    return rates.pivot_table(
-        index=["experiment", "iteration"], columns="column", values="value"
-    ).reset_index()
+    rates["column"] = rates["column"].where(rates["purpose"] == "eval", "rollouts " + rates["column"])
+    rates["cell"] = [with_ci(*row) for row in rates[["value", "ci_low", "ci_high"]].itertuples(index=False)]
+    evaluated = rates[rates["purpose"] == "eval"]
+    table = evaluated.pivot_table(
+        index=["experiment", "iteration", "reward_prefix"], columns="column", values="cell", aggfunc="first"
+    )
+    rollouts = rates[rates["purpose"] == "rollouts"].pivot_table(
+        index=["experiment", "iteration"], columns="column", values="cell", aggfunc="first"
+    )
+    if not rollouts.empty:
+        table = table.join(rollouts, on=["experiment", "iteration"])
+    steps = evaluated.groupby(["experiment", "iteration", "reward_prefix"])["optimizer_steps"].first()
+    table.insert(0, "steps", steps.map(lambda value: "-" if math.isnan(value) else str(int(value))))
+    return table.reset_index().rename_axis(columns=None).fillna("-")
 
 
 def outcome_rows(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary's outcome counts, with the outcome's name in an `outcome` column."""
-    outcomes = summary[summary["metric"].str.startswith(OUTCOME_PREFIX)]
+    """The evaluations' outcome counts, with the outcome's name in an `outcome` column."""
+    outcomes = evaluations(summary)
+    outcomes = outcomes[outcomes["metric"].str.startswith(OUTCOME_PREFIX)]
     return outcomes.assign(outcome=outcomes["metric"].str.removeprefix(OUTCOME_PREFIX))
 
 
@@ -79,18 +170,45 @@ def outcome_table(summary: pd.DataFrame) -> pd.DataFrame:
     outcome, one column per policy (base, then each arm's iterations), so that a row reads as
     the shift of that error over the iterations."""
     # The base model's rows are repeated for every arm; count them once.
-    outcomes = outcome_rows(summary).drop_duplicates(["policy", "dataset", "split", "metric"])
+    outcomes = labelled(outcome_rows(summary)).drop_duplicates(["label", "dataset", "split", "metric"])
     outcomes = outcomes.assign(tasks=outcomes["dataset"] + "/" + outcomes["split"])
     table = outcomes.pivot_table(
-        index=["tasks", "outcome"], columns="policy", values="value", fill_value=0
+        index=["tasks", "outcome"], columns="label", values="value", fill_value=0
     ).astype(int)
-    policies = sorted(table.columns, key=_policy_order)
+    policies = sorted(table.columns, key=_label_order)
     table = table[policies].reset_index().rename_axis(columns=None)
     # passed first, then the errors from the most common down.
     order = table.assign(_errors=table["outcome"] != "passed", _total=-table[policies].sum(axis=1))
     return table.loc[order.sort_values(["tasks", "_errors", "_total", "outcome"]).index].reset_index(
         drop=True
     )
+
+
+def share_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The shares of passed, NameError, SyntaxError and other errors among the evaluation samples,
+    with CIs: one row per task set and outcome, one column per policy."""
+    names = [f"{SHARE_PREFIX}{name}" for name in ("passed", *TRACKED_ERRORS, OTHER_ERROR)]
+    shares = labelled(evaluations(summary))
+    shares = shares[shares["metric"].isin(names)].drop_duplicates(["label", "dataset", "split", "metric"])
+    shares = shares.assign(
+        tasks=shares["dataset"] + "/" + shares["split"],
+        outcome=shares["metric"].str.removeprefix(SHARE_PREFIX),
+        cell=[with_ci(*row) for row in shares[["value", "ci_low", "ci_high"]].itertuples(index=False)],
+    )
+    table = shares.pivot_table(index=["tasks", "outcome"], columns="label", values="cell", aggfunc="first")
+    table = table[sorted(table.columns, key=_label_order)]
+    order = {name.removeprefix(SHARE_PREFIX): index for index, name in enumerate(names)}
+    return (
+        table.reset_index()
+        .rename_axis(columns=None)
+        .sort_values(["tasks", "outcome"], key=lambda c: c.map(order) if c.name == "outcome" else c)
+        .reset_index(drop=True)
+    )
+
+
+def _label_order(label: str) -> tuple[bool, str, int, str]:
+    policy, _, prefix = label.partition(" ")
+    return (*_policy_order(policy), prefix)
 
 
 def _policy_order(policy: str) -> tuple[bool, str, int]:
@@ -153,23 +271,74 @@ def training_logs(paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
 # --- plots
 
 
+def primary_evaluations(summary: pd.DataFrame) -> pd.DataFrame:
+    """The evaluations under one reward prefix per policy: `good` where trained policies have it
+    (LETI's own setting), else the one they have."""
+    rows = evaluations(summary)
+    trained = rows["policy"] != BASE_POLICY
+    prefixes = set(rows.loc[trained, "reward_prefix"])
+    primary = "good" if "good" in prefixes or not prefixes else sorted(prefixes)[0]
+    return rows[~trained | (rows["reward_prefix"] == primary)]
+
+
 def plot_pass_at_k(summary: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """pass@k (and a task's F1 scores) by iteration, with 95% CIs; a dashed line for every
+    other reward prefix a policy was evaluated with."""
+    rows = evaluations(summary)
+    shown = rows[rows["metric"].str.startswith("pass@") | rows["metric"].isin(_f1_names(rows))]
+    _save(_curves_figure(shown, "iteration", "iteration"), path)
+
+
+def plot_sample_efficiency(summary: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """pass@1 (and a task's F1) with 95% CIs against the optimizer steps taken since the base
+    model: the paper's measure of how fast each kind of feedback teaches."""
+    rows = primary_evaluations(summary)
+    shown = rows[(rows["metric"] == "pass@1") | rows["metric"].isin(_f1_names(rows))]
+    _save(_curves_figure(shown, "optimizer_steps", "optimizer steps (cumulative)"), path)
+
+
+def _f1_names(rows: pd.DataFrame) -> set[str]:
+    """A task metric's F1 scores (EAE's arg_i_f1, arg_c_f1), plotted beside pass@k."""
+    return {metric for metric in rows["metric"] if metric.endswith("_f1")}
+
+
+def _curves_figure(rows: pd.DataFrame, x: str, xlabel: str):
+    """One panel per task set and metric, one line per arm and reward prefix, with CI bars."""
     import matplotlib.pyplot as plt
 
-    rates = summary[summary["metric"].str.startswith("pass@")]
-    panels = sorted({(d, s, m) for d, s, m in rates[["dataset", "split", "metric"]].itertuples(index=False)})
+    panels = sorted({(d, s, m) for d, s, m in rows[["dataset", "split", "metric"]].itertuples(index=False)})
     figure, axes = plt.subplots(
         1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.5), squeeze=False
     )
     for axis, (dataset, split, metric) in zip(axes[0], panels, strict=False):
-        panel = rates[(rates["dataset"] == dataset) & (rates["split"] == split) & (rates["metric"] == metric)]
-        for experiment, curve in panel.groupby("experiment"):
-            curve = curve.sort_values("iteration")
-            axis.plot(curve["iteration"], curve["value"], marker="o", label=experiment)
-        axis.set(title=f"{dataset}/{split}", xlabel="iteration", ylabel=metric)
+        panel = rows[(rows["dataset"] == dataset) & (rows["split"] == split) & (rows["metric"] == metric)]
+        for (experiment, prefix), curve in _arm_curves(panel):
+            curve = curve.sort_values(x)
+            errors = [curve["value"] - curve["ci_low"], curve["ci_high"] - curve["value"]]
+            axis.errorbar(
+                curve[x],
+                curve["value"],
+                yerr=[error.fillna(0).clip(lower=0) for error in errors],
+                marker="o",
+                capsize=3,
+                linestyle="-" if prefix in ("good", "none") else "--",
+                label=experiment if prefix in ("good", "none") else f"{experiment} <{prefix}>",
+            )
+        axis.set(title=f"{dataset}/{split}", xlabel=xlabel, ylabel=f"{metric} (95% CI)")
         axis.xaxis.get_major_locator().set_params(integer=True)
-        axis.legend()
-    _save(figure, path)
+        axis.legend(fontsize="small")
+    return figure
+
+
+def _arm_curves(panel: pd.DataFrame):
+    """(arm, reward prefix) and its points, each starting at the base model."""
+    base = panel[panel["policy"] == BASE_POLICY]
+    trained = panel[panel["policy"] != BASE_POLICY]
+    for (experiment, prefix), points in trained.groupby(["experiment", "reward_prefix"]):
+        yield (experiment, prefix), pd.concat([base[base["experiment"] == experiment], points])
+    if trained.empty:
+        for experiment, points in base.groupby("experiment"):
+            yield (experiment, "none"), points
 
 
 def plot_error_types(summary: pd.DataFrame, path: str | os.PathLike[str]) -> None:
@@ -180,7 +349,7 @@ def error_types_figure(summary: pd.DataFrame):
     """Per arm and task set, the share of samples by outcome at each iteration."""
     import matplotlib.pyplot as plt
 
-    outcomes = outcome_rows(summary)
+    outcomes = outcome_rows(primary_evaluations(summary))
     groups = sorted(
         {(e, d, s) for e, d, s in outcomes[["experiment", "dataset", "split"]].itertuples(index=False)}
     )
@@ -238,23 +407,35 @@ def _save(figure, path: str | os.PathLike[str]) -> None:
 def summarize(
     metrics_paths: Sequence[str | os.PathLike[str]],
     train_log_paths: Sequence[str | os.PathLike[str]],
-    csv: str | os.PathLike[str],
-    pass_at_k_png: str | os.PathLike[str],
-    error_types_png: str | os.PathLike[str],
-    loss_png: str | os.PathLike[str],
+    outputs: SummaryOutputs,
 ) -> pd.DataFrame:
     import matplotlib
 
     from leti.io import atomic_path
 
     matplotlib.use("Agg")
-    summary = summary_table(metrics_paths)
-    with atomic_path(csv) as tmp:
+    summary = summary_table(metrics_paths, train_log_paths)
+    with atomic_path(outputs.csv) as tmp:
         summary.to_csv(tmp, index=False)
-    plot_pass_at_k(summary, pass_at_k_png)
-    plot_error_types(summary, error_types_png)
-    plot_training_loss(training_logs(train_log_paths), loss_png)
+    with atomic_path(outputs.comparisons) as tmp:
+        comparisons_table(read_metrics(metrics_paths)).to_csv(tmp, index=False)
+    plot_pass_at_k(summary, outputs.pass_at_k_png)
+    plot_sample_efficiency(summary, outputs.sample_efficiency_png)
+    plot_error_types(summary, outputs.error_types_png)
+    plot_training_loss(training_logs(train_log_paths), outputs.loss_png)
     return summary
+
+
+@dataclass(frozen=True)
+class SummaryOutputs:
+    """Where `leti summarize` writes."""
+
+    csv: Path
+    comparisons: Path
+    pass_at_k_png: Path
+    sample_efficiency_png: Path
+    error_types_png: Path
+    loss_png: Path
 
 
 # --- looking inside one artifact
@@ -347,9 +528,10 @@ def _print_counts(counts: pd.Series, name: str, console: Console) -> None:
 
 
 def _print_metrics(metrics: Metrics, console: Console) -> None:
-    table = Table("metric", "value")
-    for name, value in metrics.pass_at_k.items():
-        table.add_row(name, f"{value:.4f}")
+    table = Table("metric", "value [95% CI]")
+    for name, value in {**metrics.pass_at_k, **metrics.task_metrics}.items():
+        estimate = metrics.estimates.get(name)
+        table.add_row(name, with_ci(value, estimate.ci_low, estimate.ci_high) if estimate else f"{value:.3f}")
     table.add_row("problems", str(metrics.num_problems))
     table.add_row("samples", str(metrics.num_samples))
     table.add_row("mean completion tokens", f"{metrics.mean_completion_tokens:.1f}")
@@ -358,15 +540,50 @@ def _print_metrics(metrics: Metrics, console: Console) -> None:
 
 
 def print_summary(results: str | os.PathLike[str], console: Console) -> None:
-    """The arm by iteration pass@k table of every metrics.json under `results`."""
-    paths = sorted(Path(results).glob("**/eval/*/*/metrics.json"))
+    """Every metrics.json under `results`: pass@k with CIs by arm, iteration and reward prefix,
+    the outcome counts and shares, and the paired comparisons (`comparisons.csv` when the
+    workflow wrote one, else computed here)."""
+    root = Path(results)
+    paths = sorted(root.glob("**/metrics.json"))
     if not paths:
         raise ArtifactError(f"{results}: no metrics.json found under it")
-    summary = summary_table(paths)
-    console.print(_rich_table(pass_at_k_table(summary), "pass@k"))
-    outcomes = outcome_table(summary)
-    for tasks, table in outcomes.groupby("tasks", sort=False):
+    summary = summary_table(paths, sorted(root.glob("**/train_log.jsonl")))
+    console.print(
+        _rich_table(pass_at_k_table(summary), "pass@k with 95% CIs (steps: optimizer steps so far)")
+    )
+    for tasks, table in outcome_table(summary).groupby("tasks", sort=False):
         console.print(_rich_table(table.drop(columns="tasks"), f"{tasks}: samples by outcome"))
+    for tasks, table in share_table(summary).groupby("tasks", sort=False):
+        console.print(_rich_table(table.drop(columns="tasks"), f"{tasks}: share of samples, 95% CIs"))
+    saved = root / "comparisons.csv"
+    comparisons = pd.read_csv(saved) if saved.is_file() else comparisons_table(read_metrics(paths))
+    if not comparisons.empty:
+        console.print(
+            _rich_table(comparison_view(comparisons), "paired comparisons: a - b on the same problems")
+        )
+
+
+def comparison_view(comparisons: pd.DataFrame) -> pd.DataFrame:
+    """comparisons.csv for reading: a and b with their prefixes, the difference with its CI, p."""
+
+    def side(policy: pd.Series, prefix: pd.Series) -> pd.Series:
+        return policy.where(policy == BASE_POLICY, policy + " <" + prefix + ">")
+
+    return pd.DataFrame(
+        {
+            "tasks": comparisons["dataset"] + "/" + comparisons["split"],
+            "metric": comparisons["metric"],
+            "a": side(comparisons["policy_a"], comparisons["reward_prefix_a"]),
+            "b": side(comparisons["policy_b"], comparisons["reward_prefix_b"]),
+            "problems": comparisons["num_problems"].astype(str),
+            "a - b [95% CI]": [
+                f"{d:+.3f} [{low:+.3f}, {high:+.3f}]"
+                for d, low, high in comparisons[["difference", "ci_low", "ci_high"]].itertuples(index=False)
+            ],
+            "p": comparisons["p_value"].map(lambda p: f"{p:.3g}"),
+            "test": comparisons["test"],
+        }
+    )
 
 
 def print_timings(benchmarks: str | os.PathLike[str], console: Console) -> None:

@@ -1,0 +1,131 @@
+"""Paired comparisons of policies on the same problems: is a difference signal or noise?
+
+Three kinds, each on every evaluation task set:
+- `vs_base`: every trained policy against the base model (per reward prefix);
+- `arm_vs_arm`: two arms at the same iteration and reward prefix;
+- `good_vs_bad` (and `good_vs_none`): one trained policy under two reward prefixes, the check that
+  it learned what the reward tokens mean.
+Each row has the difference a - b, its 95% paired-bootstrap CI and an exact paired test's p-value
+(leti.stats), for every pass@k and every task metric both sides have.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from leti import stats
+from leti.evaluate import pass_at_k_columns, task_metric_columns, task_metric_named, task_metric_statistic
+from leti.layout import BASE_POLICY, parse_policy
+from leti.records import Metrics, ProblemResult
+
+COMPARISON_COLUMNS = [
+    "kind",
+    "dataset",
+    "split",
+    "metric",
+    "policy_a",
+    "reward_prefix_a",
+    "policy_b",
+    "reward_prefix_b",
+    "num_problems",
+    "value_a",
+    "value_b",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "test",
+]
+
+# Prefix contrasts, each (a, b): a - b.
+PREFIX_CONTRASTS = (("good", "bad"), ("good", "none"))
+
+
+def comparison_pairs(documents: Sequence[Metrics]) -> list[tuple[str, Metrics, Metrics]]:
+    """(kind, a, b) for every comparison the evaluations allow."""
+    pairs: list[tuple[str, Metrics, Metrics]] = []
+    evaluations = [d for d in documents if d.purpose == "eval"]
+    for _, group in itertools.groupby(
+        sorted(evaluations, key=_task_set_order), key=lambda d: (d.dataset, d.split)
+    ):
+        task_set = list(group)
+        base = next((d for d in task_set if d.policy == BASE_POLICY), None)
+        trained = [d for d in task_set if d.policy != BASE_POLICY]
+        if base is not None:
+            pairs += [("vs_base", d, base) for d in trained]
+        same_stage = itertools.groupby(trained, key=lambda d: (d.policy_iteration, d.reward_prefix))
+        for _, stage in same_stage:
+            pairs += [("arm_vs_arm", a, b) for a, b in itertools.combinations(list(stage), 2)]
+        by_policy = {(d.policy, d.reward_prefix): d for d in trained}
+        for policy in dict.fromkeys(d.policy for d in trained):
+            for prefix_a, prefix_b in PREFIX_CONTRASTS:
+                if (policy, prefix_a) in by_policy and (policy, prefix_b) in by_policy:
+                    kind = f"{prefix_a}_vs_{prefix_b}"
+                    pairs.append((kind, by_policy[(policy, prefix_a)], by_policy[(policy, prefix_b)]))
+    return pairs
+
+
+def compare_documents(kind: str, a: Metrics, b: Metrics) -> list[dict]:
+    """One row per metric both evaluations have, on the problems both have (in a's order)."""
+    results_b = {result.task_id: result for result in b.problems}
+    shared = [result for result in a.problems if result.task_id in results_b]
+    if not shared:
+        return []
+    paired_b = [results_b[result.task_id] for result in shared]
+    rows = []
+    for metric, (columns_a, columns_b, statistic) in _metric_columns(a, shared, paired_b).items():
+        comparison = stats.compare(columns_a, columns_b, statistic)
+        rows.append(
+            {
+                "kind": kind,
+                "dataset": a.dataset,
+                "split": a.split,
+                "metric": metric,
+                "policy_a": a.policy,
+                "reward_prefix_a": a.reward_prefix,
+                "policy_b": b.policy,
+                "reward_prefix_b": b.reward_prefix,
+                "num_problems": comparison.num_problems,
+                "value_a": comparison.value_a,
+                "value_b": comparison.value_b,
+                "difference": comparison.difference,
+                "ci_low": comparison.ci_low,
+                "ci_high": comparison.ci_high,
+                "p_value": comparison.p_value,
+                "test": comparison.test,
+            }
+        )
+    return rows
+
+
+def comparisons_table(documents: Iterable[Metrics]) -> pd.DataFrame:
+    documents = list(documents)
+    rows = [row for kind, a, b in comparison_pairs(documents) for row in compare_documents(kind, a, b)]
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def _metric_columns(
+    a: Metrics, results_a: list[ProblemResult], results_b: list[ProblemResult]
+) -> dict[str, tuple[list[np.ndarray], list[np.ndarray], stats.Statistic]]:
+    """Per metric: a's columns, b's columns (same problems, same order) and the statistic."""
+    passes_a = pass_at_k_columns(results_a, [int(name.removeprefix("pass@")) for name in a.pass_at_k])
+    passes_b = pass_at_k_columns(results_b, [int(name.removeprefix("pass@")) for name in a.pass_at_k])
+    metrics = {
+        name: ([passes_a[name]], [passes_b[name]], stats.mean) for name in passes_a if name in passes_b
+    }
+    task_metric = task_metric_named(a.task_metric)
+    if task_metric is not None:
+        names, columns_a = task_metric_columns(results_a)
+        _, columns_b = task_metric_columns(results_b, names)
+        for metric in a.task_metrics:
+            metrics[metric] = (columns_a, columns_b, task_metric_statistic(task_metric, names, metric))
+    return metrics
+
+
+def _task_set_order(document: Metrics) -> tuple:
+    experiment, iteration = parse_policy(document.policy)
+    return document.dataset, document.split, iteration, document.reward_prefix, experiment or ""
