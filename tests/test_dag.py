@@ -22,12 +22,13 @@ def rollout_samples(policy: str) -> str:
 def test_every_stage_runs_for_every_iteration(workdir: Path, iterations: int) -> None:
     jobs = planned_jobs(workdir, "--config", f"iterations={iterations}")
     counts = Counter(job.rule for job in jobs)
-    arms, eval_sets = 2, 2
+    arms, eval_sets, prefixes = 2, 2, 2
     assert counts["finetune"] == arms * iterations
     assert counts["build_feedback"] == arms * iterations
     # Rollouts: the base model's (shared by the arms) plus each arm's policies 1..N-1.
     rollouts = 1 + arms * (iterations - 1)
-    evaluations = eval_sets * (1 + arms * iterations)
+    # The base model once (no reward token), every trained policy once per reward prefix.
+    evaluations = eval_sets * (1 + arms * iterations * prefixes)
     assert counts["generate"] == counts["execute"] == rollouts + evaluations
     # Every policy's evaluations, and the pass rate of every rollout set.
     assert counts["evaluate"] == evaluations + rollouts
@@ -138,7 +139,9 @@ def test_the_eae_config_passes_the_snakemake_linter(workdir: Path, geneva_dir: P
 
 
 def test_a_list_of_reward_prefixes_adds_one_evaluation_per_trained_policy_and_task_set(workdir: Path) -> None:
-    single = Counter(job.rule for job in planned_jobs(workdir))
+    single = Counter(
+        job.rule for job in planned_jobs(workdir, "--config", "evaluate={'reward_prefix': 'good'}")
+    )
     jobs = planned_jobs(workdir, "--config", "evaluate={'reward_prefix': ['good', 'bad']}")
     double = Counter(job.rule for job in jobs)
     trained_policies, eval_sets = 2 * 2, 2

@@ -491,11 +491,6 @@ def test_scores_are_zero_without_predictions_or_gold() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="leti.evaluate.task_metric_named does not map 'eae' to leti.eae.ArgumentMetric yet "
-    "(evaluate.py is wired by the statistics work); the evaluate jobs stop there",
-)
 def test_a_custom_eae_dataset_runs_end_to_end(tmp_path: Path, mbpp_path: Path, tiny_raw_model: Path) -> None:
     rows = [json.loads(json.dumps(ROW).replace("d1-1", f"d1-{number}")) for number in range(1, 4)]
     data, ontology = write_eae_files(tmp_path, rows)

@@ -231,4 +231,8 @@ def task_metric_named(name: str | None) -> TaskMetric | None:
     """The task metric a task type names in the config (None: pass@k only)."""
     if name is None:
         return None
+    if name == "eae":
+        from leti.eae import ArgumentMetric
+
+        return ArgumentMetric()
     raise ValueError(f"no task metric {name!r}")
