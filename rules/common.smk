@@ -155,7 +155,11 @@ def metrics_settings(wildcards):
         _, iteration = parse_policy(wildcards.policy)
         prefix = LETI.generation_settings(purpose, iteration).reward_prefix
     return MetricsSettings(
-        k=LETI.evaluate.k, purpose=purpose, reward_prefix=prefix, task_metric=LETI.task_metric(wildcards.dataset)
+        k=LETI.evaluate.k,
+        max_problems=LETI.problem_limit(purpose, prefix),
+        purpose=purpose,
+        reward_prefix=prefix,
+        task_metric=LETI.task_metric(wildcards.dataset),
     ).model_dump_json()
 
 

@@ -228,3 +228,12 @@ def test_reward_prefix_may_be_a_list_of_distinct_prefixes(raw_config: dict) -> N
     raw_config["evaluate"]["reward_prefix"] = ["good", "good"]
     with pytest.raises(ConfigError, match=r"evaluate.reward_prefix: .*each prefix once"):
         load_config(raw_config)
+
+
+def test_prefix_limits_cap_only_evaluations_under_that_prefix(raw_config: dict) -> None:
+    raw_config["evaluate"].update(reward_prefix=["good", "bad"], prefix_limits={"bad": 200})
+    config = load_config(raw_config)
+    assert config.generation_settings("eval", 1, "bad").max_problems == 200
+    assert config.generation_settings("eval", 1, "good").max_problems is None
+    assert config.generation_settings("rollouts", 1).max_problems is None
+    assert config.problem_limit("eval", "bad") == 200

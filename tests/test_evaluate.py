@@ -118,3 +118,19 @@ def test_metrics_keep_every_problem_result_and_estimate_shares(artifacts) -> Non
     assert estimates["share:SyntaxError"].value == 0.0
     assert estimates["share:other_error"].value == pytest.approx(0.5)
     assert estimates["share:passed"].value == pytest.approx(0.25)
+
+
+def test_an_evaluation_limited_to_the_first_problems_scores_only_those(tmp_path: Path, artifacts) -> None:
+    problems, samples, executions = artifacts
+    paths = [tmp_path / name for name in ("tasks.jsonl", "samples.jsonl", "executions.jsonl")]
+    first_only = (
+        [s for s in samples if s.task_id == "MBPP/1"],
+        [e for e in executions if e.task_id == "MBPP/1"],
+    )
+    for path, records in zip(paths, (problems, *first_only), strict=True):
+        write_jsonl(path, records)
+    output = tmp_path / "metrics.json"
+    evaluate(*paths, output, MetricsSettings(k=[1], max_problems=1), policy="base")
+    written = read_json(output, Metrics)
+    assert (written.num_problems, written.pass_at_k) == (1, {"pass@1": pytest.approx(0.5)})
+    assert [result.task_id for result in written.problems] == ["MBPP/1"]

@@ -210,6 +210,12 @@ class EvaluateConfig(SamplingConfig):
         "every trained policy once per prefix (e.g. [good, bad]: does the policy know what they mean?).",
     )
 
+    prefix_limits: dict[RewardPrefix, Count] = Field(
+        default_factory=dict,
+        description="Evaluate with a prefix on only the first N problems of each task set, e.g. {bad: 200}: "
+        "a cheaper good-vs-bad contrast (comparisons pair the problems both evaluations have).",
+    )
+
     @field_validator("reward_prefix")
     @classmethod
     def _distinct_prefixes(
@@ -231,6 +237,7 @@ class GenerationSettings(SamplingConfig):
     seed: int
     policy_iteration: NonNegativeCount
     reward_prefix: RewardPrefix
+    max_problems: Count | None = Field(default=None, description="Only the first N problems of the task set.")
     dtype: ModelDtype = "auto"
     device: Device = "auto"
 
@@ -239,6 +246,7 @@ class MetricsSettings(Section):
     """What `leti evaluate` receives."""
 
     k: list[Count] = Field(default_factory=lambda: [1], min_length=1)
+    max_problems: Count | None = Field(default=None, description="Only the first N problems of the task set.")
     purpose: Purpose = "eval"
     reward_prefix: RewardPrefix = "none"
     task_metric: Literal["eae"] | None = Field(
@@ -407,9 +415,14 @@ class Config(Section):
             seed=self.seed,
             policy_iteration=policy_iteration,
             reward_prefix=prefix,
+            max_problems=self.problem_limit(purpose, prefix),
             dtype=self.model.dtype,
             device=self.device,
         )
+
+    def problem_limit(self, purpose: Purpose, prefix: RewardPrefix) -> int | None:
+        """How many problems of a task set an evaluation under `prefix` covers (None: all)."""
+        return self.evaluate.prefix_limits.get(prefix) if purpose == "eval" else None
 
     def evaluation_prefixes(self, policy_iteration: int) -> list[RewardPrefix]:
         """The reward prefixes a policy is evaluated with: none for the base model."""

@@ -216,7 +216,7 @@ def evaluate(
     policy: str,
 ) -> Metrics:
     metrics = compute_metrics(
-        read_jsonl(tasks, Problem),
+        read_jsonl(tasks, Problem)[: settings.max_problems],
         read_jsonl(samples, Sample),
         read_jsonl(executions, Execution),
         settings,

@@ -395,7 +395,7 @@ def generate_file(
     """Sample every problem of a task file and write `samples.jsonl` (ordered by task, then sample)."""
     torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
-    problems = read_jsonl(tasks, Problem)
+    problems = read_jsonl(tasks, Problem)[: settings.max_problems]
     model, tokenizer = load_policy(model_dir, adapter_dir, settings.dtype, settings.device)
     decoder = Decoder(model, tokenizer, settings)
     requests = decoder.requests(problems)
