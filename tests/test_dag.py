@@ -154,3 +154,32 @@ def test_a_list_of_reward_prefixes_adds_one_evaluation_per_trained_policy_and_ta
     assert not any(o.startswith("results/base/eval-bad") for o in outputs)
     bad = producer(jobs, "results/binary/iter1/eval-bad/mbpp/test/samples.jsonl")
     assert "results/binary/iter1/adapter" in bad.inputs
+
+
+def test_the_study_config_plans_three_arms_and_the_reward_contrast(workdir: Path) -> None:
+    from conftest import REPO
+
+    jobs = planned_jobs(workdir, "--configfile", str(REPO / "configs" / "study.yaml"))
+    counts = Counter(job.rule for job in jobs)
+    arms, iterations, eval_sets = 3, 2, 2
+    assert counts["finetune"] == counts["build_feedback"] == arms * iterations
+    rollouts = 1 + 2 * (iterations - 1)  # the gold arm has none
+    good = eval_sets * (1 + arms * iterations)
+    bad = eval_sets * arms * iterations
+    assert counts["generate"] == counts["execute"] == rollouts + good + bad
+    outputs = {o for job in jobs for o in job.outputs}
+    assert "results/gold/iter2/eval-bad/mbpp/test/metrics.json" in outputs
+    # <|bad|> covers the first 200 MBPP test problems; <|good|> all of them.
+    from leti.config import load_config_file
+
+    study = load_config_file(REPO / "configs" / "study.yaml")
+    assert study.generation_settings("eval", 1, "bad").max_problems == 200
+    assert study.generation_settings("eval", 1, "good").max_problems is None
+    assert study.data.limits == {"mbpp/train": 64}
+
+
+def test_the_study_config_passes_the_snakemake_linter(workdir: Path) -> None:
+    from conftest import REPO, run_snakemake
+
+    result = run_snakemake(workdir, "--lint", "--configfile", str(REPO / "configs" / "study.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
