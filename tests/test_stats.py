@@ -93,3 +93,13 @@ def test_columns_must_pair_problem_by_problem() -> None:
         stats.compare([np.ones(4)], [np.ones(5)])
     with pytest.raises(ValueError, match="no problems"):
         stats.estimate([np.array([])])
+
+
+def test_a_few_discordant_problems_give_a_difference_ci_that_agrees_with_the_exact_test() -> None:
+    # 3 of 16 problems solved by b only: McNemar p = 0.25, so the 95% CI must not exclude 0.
+    a = np.array([0, 0, 0] + [1] * 8 + [0] * 5, dtype=float)
+    b = np.array([1, 1, 1] + [1] * 8 + [0] * 5, dtype=float)
+    comparison = stats.compare([a], [b])
+    assert comparison.p_value == pytest.approx(0.25)
+    assert comparison.difference == pytest.approx(-3 / 16)
+    assert comparison.ci_low < -3 / 16 and comparison.ci_high >= 0.0
