@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # The rules call `leti`, so the environment's commands must be on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 CORES ?= 2
+# Another experiment file, e.g. `make run CONFIG=configs/eae.yaml` (default: config.yaml).
+CONFIG ?=
+SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG))
 # The CPU build of torch. On a GPU machine, install your CUDA build of torch into
 # .venv first (any 2.x from 2.4 on); setup keeps a torch that is already there.
 TORCH_SPEC ?= torch==2.13.0
@@ -27,14 +30,14 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 run: setup docker-engine
-	$(BIN)/snakemake --cores $(CORES)
-	$(BIN)/snakemake --cores $(CORES) --report results/report.html
+	$(SNAKEMAKE)
+	$(SNAKEMAKE) --report results/report.html
 	$(BIN)/leti timings benchmarks
 	$(BIN)/leti summary results
 	@echo "report: results/report.html"
 
 dry-run: setup
-	$(BIN)/snakemake --cores $(CORES) --dry-run
+	$(SNAKEMAKE) --dry-run
 
 lint: setup
 	$(BIN)/ruff check src tests bench
