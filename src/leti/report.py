@@ -312,15 +312,22 @@ def _curves_figure(rows: pd.DataFrame, x: str, xlabel: str):
     )
     for axis, (dataset, split, metric) in zip(axes[0], panels, strict=False):
         panel = rows[(rows["dataset"] == dataset) & (rows["split"] == split) & (rows["metric"] == metric)]
-        for (experiment, prefix), curve in _arm_curves(panel):
+        curves = list(_arm_curves(panel))
+        # One colour per arm; its other reward prefixes are dashed lines of the same colour.
+        arms = sorted({experiment for (experiment, _), _ in curves})
+        colours = {arm: plt.get_cmap("tab10")(index % 10) for index, arm in enumerate(arms)}
+        # Lines share their x values: shift each a little sideways so that the CI bars stay apart.
+        span = float(panel[x].max() - panel[x].min()) or 1.0
+        for index, ((experiment, prefix), curve) in enumerate(curves):
             curve = curve.sort_values(x)
             errors = [curve["value"] - curve["ci_low"], curve["ci_high"] - curve["value"]]
             axis.errorbar(
-                curve[x],
+                curve[x] + (index - (len(curves) - 1) / 2) * 0.015 * span,
                 curve["value"],
                 yerr=[error.fillna(0).clip(lower=0) for error in errors],
                 marker="o",
                 capsize=3,
+                color=colours[experiment],
                 linestyle="-" if prefix in ("good", "none") else "--",
                 label=experiment if prefix in ("good", "none") else f"{experiment} <{prefix}>",
             )
