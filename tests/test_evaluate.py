@@ -134,3 +134,14 @@ def test_an_evaluation_limited_to_the_first_problems_scores_only_those(tmp_path:
     written = read_json(output, Metrics)
     assert (written.num_problems, written.pass_at_k) == (1, {"pass@1": pytest.approx(0.5)})
     assert [result.task_id for result in written.problems] == ["MBPP/1"]
+
+
+def test_the_passed_share_is_reported_when_nothing_passed(artifacts) -> None:
+    problems, samples, executions = artifacts
+    failed = [
+        e.model_copy(update={"status": ExecutionStatus.failed, "exception_type": "ValueError"})
+        for e in executions
+    ]
+    estimates = compute_metrics(problems, samples, failed, MetricsSettings(), policy="base").estimates
+    assert (estimates["share:passed"].value, estimates["share:passed"].ci_high) == (0.0, 0.0)
+    assert estimates["share:other_error"].value == 1.0

@@ -132,9 +132,10 @@ def pass_at_k_columns(results: Sequence[ProblemResult], ks: Sequence[int]) -> di
 
 
 def outcome_share_columns(results: Sequence[ProblemResult]) -> dict[str, list[np.ndarray]]:
-    """(count, samples) per problem for every outcome seen, the tracked errors and other_error."""
+    """(count, samples) per problem for every outcome seen, passed and the tracked errors (seen or
+    not: a share of 0 is a result), and other_error."""
     samples = np.array([r.samples for r in results], dtype=float)
-    names = sorted({name for r in results for name in r.outcomes} | set(TRACKED_ERRORS))
+    names = sorted({name for r in results for name in r.outcomes} | {"passed", *TRACKED_ERRORS})
     columns = {name: np.array([r.outcomes.get(name, 0) for r in results], dtype=float) for name in names}
     untracked = [name for name in names if name not in ("passed", *TRACKED_ERRORS)]
     columns[OTHER_ERROR] = sum((columns[name] for name in untracked), np.zeros(len(results)))
