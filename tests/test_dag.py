@@ -22,7 +22,7 @@ def rollout_samples(policy: str) -> str:
 def test_every_stage_runs_for_every_iteration(workdir: Path, iterations: int) -> None:
     jobs = planned_jobs(workdir, "--config", f"iterations={iterations}")
     counts = Counter(job.rule for job in jobs)
-    arms, eval_sets, prefixes = 2, 2, 2
+    arms, eval_sets, prefixes = 2, 2, 1
     assert counts["finetune"] == arms * iterations
     assert counts["build_feedback"] == arms * iterations
     # Rollouts: the base model's (shared by the arms) plus each arm's policies 1..N-1.
@@ -139,9 +139,7 @@ def test_the_eae_config_passes_the_snakemake_linter(workdir: Path, geneva_dir: P
 
 
 def test_a_list_of_reward_prefixes_adds_one_evaluation_per_trained_policy_and_task_set(workdir: Path) -> None:
-    single = Counter(
-        job.rule for job in planned_jobs(workdir, "--config", "evaluate={'reward_prefix': 'good'}")
-    )
+    single = Counter(job.rule for job in planned_jobs(workdir))
     jobs = planned_jobs(workdir, "--config", "evaluate={'reward_prefix': ['good', 'bad']}")
     double = Counter(job.rule for job in jobs)
     trained_policies, eval_sets = 2 * 2, 2
