@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from leti.config import ConfigError, FeedbackSettings, FinetuneSettings, MetricsSettings, load_config
+from leti.config import ConfigError, FeedbackSettings, FinetuneSettings, load_config
 from leti.layout import POLICY_PATTERN, PURPOSE_PATTERN, eval_purpose, parse_policy, parse_purpose, policy_name
 from leti.model import resolve_source
 from leti.tasks import GENEVA_ONTOLOGY, GENEVA_SHA256, GENEVA_SPLIT_FILES
@@ -150,17 +150,9 @@ def generation_settings(wildcards):
 
 
 def metrics_settings(wildcards):
+    _, iteration = parse_policy(wildcards.policy)
     purpose, prefix = parse_purpose(wildcards.purpose)
-    if prefix is None:
-        _, iteration = parse_policy(wildcards.policy)
-        prefix = LETI.generation_settings(purpose, iteration).reward_prefix
-    return MetricsSettings(
-        k=LETI.evaluate.k,
-        max_problems=LETI.problem_limit(purpose, prefix),
-        purpose=purpose,
-        reward_prefix=prefix,
-        task_metric=LETI.task_metric(wildcards.dataset),
-    ).model_dump_json()
+    return LETI.metrics_settings(purpose, iteration, prefix, wildcards.dataset).model_dump_json()
 
 
 def sandbox_image(wildcards):

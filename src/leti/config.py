@@ -420,6 +420,19 @@ class Config(Section):
             device=self.device,
         )
 
+    def metrics_settings(
+        self, purpose: Purpose, policy_iteration: int, reward_prefix: RewardPrefix | None, dataset: str
+    ) -> MetricsSettings:
+        """What `leti evaluate` receives: the prefix and problem limit the samples were generated with."""
+        generated = self.generation_settings(purpose, policy_iteration, reward_prefix)
+        return MetricsSettings(
+            k=self.evaluate.k,
+            max_problems=generated.max_problems,
+            purpose=purpose,
+            reward_prefix=generated.reward_prefix,
+            task_metric=self.task_metric(dataset),
+        )
+
     def problem_limit(self, purpose: Purpose, prefix: RewardPrefix) -> int | None:
         """How many problems of a task set an evaluation under `prefix` covers (None: all)."""
         return self.evaluate.prefix_limits.get(prefix) if purpose == "eval" else None
