@@ -1,5 +1,7 @@
 # Config validation, wildcard constraints and the input functions of every rule.
 
+import json
+import shlex
 from pathlib import Path
 
 from leti.config import ConfigError, FeedbackSettings, FinetuneSettings, load_config
@@ -116,6 +118,11 @@ def geneva_download_folder(wildcards, output):
 
 def strict_option(wildcards):
     return "--strict" if LETI.data.eae_strict and LETI.task_metric(wildcards.dataset) == "eae" else ""
+
+
+def stop_option(wildcards):
+    stops = LETI.data.extra_stop_sequences
+    return f"--extra-stop-sequences {shlex.quote(json.dumps(stops))}" if stops else ""
 
 
 def limit_option(wildcards):

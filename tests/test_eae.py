@@ -157,7 +157,7 @@ def test_the_prompt_defines_typed_entity_classes_the_parent_and_the_event(tmp_pa
         '"""\n'
         "transport_event = Transport("
     )
-    assert problem.stop_sequences == ['"""', "\nclass", "\nprint", "\n#", "\n```", "\ndef"]
+    assert problem.stop_sequences == ['"""', "\nclass", "\nprint", "\n#"]
     assert "\n" + problem.reference_solution == GOLD_COMPLETION
 
 

@@ -93,6 +93,20 @@ def test_limit_keeps_the_first_problems_in_order(mbpp_path: Path) -> None:
     assert [problem.task_id for problem in problems] == ["MBPP/11", "MBPP/12", "MBPP/13"]
 
 
+def test_stop_sequences_are_the_references_unless_extra_ones_are_asked_for(mbpp_path: Path) -> None:
+    (mbpp,) = load_task_set("mbpp", "test", mbpp_path, limit=1)
+    (humaneval,) = load_task_set("humaneval", "test", None, limit=1)
+    reference = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/"]
+    assert mbpp.stop_sequences == reference
+    assert humaneval.stop_sequences == [*reference, "\ndef", "\n#", "\n@"]
+
+    (extended,) = load_task_set(
+        "mbpp", "test", mbpp_path, limit=1, extra_stop_sequences=["\n```", "\nif", "\n```"]
+    )
+    assert extended.stop_sequences == [*reference, "\n```"]
+    assert extended.model_copy(update={"stop_sequences": reference}) == mbpp
+
+
 def test_unknown_splits_are_rejected(mbpp_path: Path) -> None:
     with pytest.raises(TaskSourceError, match="MBPP has no split 'dev'"):
         load_task_set("mbpp", "dev", mbpp_path)
@@ -197,6 +211,25 @@ def test_prepare_tasks_rule_writes_every_split(workdir: Path) -> None:
     }
     assert (workdir / "benchmarks/prepare_tasks/mbpp/train.tsv").is_file()
     assert "374 problems" in (workdir / "logs/prepare_tasks/mbpp/train.log").read_text()
+
+
+def test_extra_stop_sequences_reach_the_task_files_through_the_shell(workdir: Path) -> None:
+    target = "resources/tasks/mbpp/test.jsonl"
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["data"]["limits"] = {"mbpp/test": 2}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert run_snakemake(workdir, "--cores", "1", target).returncode == 0
+    assert ["\n```" in problem.stop_sequences for problem in read_jsonl(workdir / target, Problem)] == [
+        False
+    ] * 2
+
+    config["data"]["extra_stop_sequences"] = ["\n```", "\ndef check('$x')"]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert [job.rule for job in planned_jobs(workdir, target)] == ["prepare_tasks"]
+    result = run_snakemake(workdir, "--cores", "1", target)
+    assert result.returncode == 0, result.stderr
+    stops = [problem.stop_sequences[-2:] for problem in read_jsonl(workdir / target, Problem)]
+    assert stops == [["\n```", "\ndef check('$x')"]] * 2
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path: Path) -> None:

@@ -66,12 +66,18 @@ def tasks_prepare(
         bool, typer.Option(help="Event argument extraction: also check entity types and unseen spans.")
     ] = False,
     limit: Annotated[int | None, typer.Option(min=1, help="Keep only the first N problems.")] = None,
+    extra_stop_sequences: Annotated[
+        str, typer.Option(help="A JSON list of stop sequences to add (a departure from the reference).")
+    ] = "[]",
 ) -> None:
     """Write one task set as normalised Problem records (JSONL)."""
+    from pydantic import TypeAdapter
+
     from leti.io import write_jsonl
     from leti.tasks import load_task_set
 
-    problems = load_task_set(dataset, split, source, limit, ontology, strict)
+    stops = TypeAdapter(list[str]).validate_json(extra_stop_sequences)
+    problems = load_task_set(dataset, split, source, limit, ontology, strict, stops)
     count = write_jsonl(output, problems)
     stderr.print(f"{dataset}/{split}: {count} problems -> {output}")
 

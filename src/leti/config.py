@@ -74,6 +74,12 @@ class DataConfig(Section):
         description="Event argument extraction verifiers also reject a wrong entity type and a span that "
         "is not in the sentence (the reference lets both pass).",
     )
+    extra_stop_sequences: list[str] = Field(
+        default_factory=list,
+        description="A departure from the reference: cut every completion also at these strings, after the "
+        'reference\'s own (e.g. "\\n```", where an instruct model closes a Markdown fence and explains its '
+        "code in prose).",
+    )
 
 
 ModelDtype = Literal["auto", "float32", "bfloat16"]

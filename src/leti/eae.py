@@ -27,10 +27,10 @@ from leti.records import Problem
 
 # Where the reference cut generations (re.split on '"""', 'class', 'print', '#'). The last three are
 # anchored at a line start here, so that entity text such as "class action" or "#1" is not cut; a
-# docstring never belongs in a role line. Added: the fence of instruct models (as for MBPP), and "\ndef":
-# Qwen2.5-Coder often follows the instance with a helper function that the '"""' of its docstring cuts
-# into a SyntaxError, which would fail a correct instance.
-EAE_STOP_SEQUENCES = ['"""', "\nclass", "\nprint", "\n#", "\n```", "\ndef"]
+# docstring never belongs in a role line. `data.extra_stop_sequences` adds others (a departure): "\ndef"
+# helps Qwen2.5-Coder, which often follows the instance with a helper function that the '"""' of its
+# docstring cuts into a SyntaxError, failing a correct instance.
+EAE_STOP_SEQUENCES = ['"""', "\nclass", "\nprint", "\n#"]
 
 ONTOLOGY_HEADER = """from __future__ import annotations
 

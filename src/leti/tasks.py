@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,8 +29,8 @@ MBPP_SHA256 = "ccf64ceae9c5403bf50a044cb6d505bfd2a2963ee58338ba268fd65beab92a9f"
 # Splits by task_id, as MBPP's authors define them (inclusive ranges).
 MBPP_SPLIT_RANGES = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 
-# Instruct models close a Markdown fence after the code and then explain it in prose: "\n```".
-MBPP_STOP_SEQUENCES = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```", "\n<|/"]
+# The reference's post-processing (LETI.md). Others are a departure: `data.extra_stop_sequences`.
+MBPP_STOP_SEQUENCES = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/"]
 HUMANEVAL_STOP_SEQUENCES = [*MBPP_STOP_SEQUENCES, "\ndef", "\n#", "\n@"]
 
 
@@ -173,11 +173,13 @@ def load_task_set(
     limit: int | None = None,
     ontology: str | os.PathLike[str] | None = None,
     strict: bool = False,
+    extra_stop_sequences: Sequence[str] = (),
 ) -> list[Problem]:
     """The problems of one task set, in source order, cut to the first `limit` when given.
 
     Event argument extraction sets (GENEVA, or any dataset given an `ontology`) read OneIE JSONL;
-    GENEVA's `source` may also be its folder. `strict` adds the verifier checks the reference lacks.
+    GENEVA's `source` may also be its folder. `strict` adds the verifier checks the reference lacks;
+    `extra_stop_sequences` cut completions where the reference's post-processing does not.
     """
     if source is not None and Path(source).is_dir():
         if dataset != "geneva":
@@ -202,7 +204,15 @@ def load_task_set(
         if source is None:
             raise TaskSourceError(f"custom dataset {dataset!r} needs a JSONL file")
         problems = load_custom(source, dataset, split)
-    return problems[:limit] if limit else problems
+    problems = problems[:limit] if limit else problems
+    return [with_stop_sequences(problem, extra_stop_sequences) for problem in problems]
+
+
+def with_stop_sequences(problem: Problem, extra: Sequence[str]) -> Problem:
+    added = [stop for stop in dict.fromkeys(extra) if stop not in problem.stop_sequences]
+    if not added:
+        return problem
+    return problem.model_copy(update={"stop_sequences": [*problem.stop_sequences, *added]})
 
 
 def download_checked(url: str, destination: str | os.PathLike[str], sha256: str, offline_hint: str) -> Path:
