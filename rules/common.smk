@@ -4,7 +4,7 @@ import json
 import shlex
 from pathlib import Path
 
-from leti.config import ConfigError, FeedbackSettings, FinetuneSettings, load_config
+from leti.config import ConfigError, FeedbackSettings, load_config
 from leti.layout import POLICY_PATTERN, PURPOSE_PATTERN, eval_purpose, parse_policy, parse_purpose, policy_name
 from leti.model import resolve_source
 from leti.tasks import GENEVA_ONTOLOGY, GENEVA_SHA256, GENEVA_SPLIT_FILES
@@ -201,7 +201,7 @@ def previous_adapter(wildcards):
 
 
 def finetune_settings(wildcards):
-    return FinetuneSettings(seed=LETI.seed, device=LETI.device, **LETI.finetune.model_dump()).model_dump_json()
+    return LETI.finetune_settings(wildcards.experiment).model_dump_json()
 
 
 # --- resources of every job (config `resources`, `device`), locally and on a cluster

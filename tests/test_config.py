@@ -237,3 +237,35 @@ def test_prefix_limits_cap_only_evaluations_under_that_prefix(raw_config: dict) 
     assert config.generation_settings("eval", 1, "good").max_problems is None
     assert config.generation_settings("rollouts", 1).max_problems is None
     assert config.problem_limit("eval", "bad") == 200
+
+
+def test_an_arm_overrides_only_the_finetune_keys_it_names(raw_config: dict) -> None:
+    raw_config["finetune"]["learning_rate"] = 3e-4
+    raw_config["experiments"]["regularised"] = {
+        "feedback": "textual",
+        "finetune": {"regularizer": {"ratio": 1.0}, "epochs": 2},
+    }
+    config = load_config(raw_config)
+    plain, regularised = config.finetune_settings("textual"), config.finetune_settings("regularised")
+    assert (plain.regularizer.ratio, plain.epochs) == (0.0, 1)
+    assert (regularised.regularizer.ratio, regularised.epochs) == (1.0, 2)
+    assert regularised.regularizer.corpus == plain.regularizer.corpus == "stdlib"
+    assert regularised.learning_rate == plain.learning_rate == 3e-4
+    assert regularised.model_copy(update={"regularizer": plain.regularizer, "epochs": 1}) == plain
+
+
+def test_an_arms_finetune_keys_are_checked_and_located(raw_config: dict, tmp_path: Path) -> None:
+    raw_config["experiments"]["regularised"] = {
+        "feedback": "textual",
+        "finetune": {"regularizer": {"ratio": -1}, "seed": 3},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw_config, sort_keys=False))
+    lines = path.read_text().splitlines()
+    ratio_line = next(i for i, line in enumerate(lines) if "ratio: -1" in line) + 1
+    message = config_error(raw_config, path)
+    assert (
+        "experiments.regularised.finetune.regularizer.ratio: Input should be greater than or equal to 0 "
+        f"(got -1)  [{path}:{ratio_line}]"
+    ) in message
+    assert "experiments.regularised.finetune.seed: unknown key" in message

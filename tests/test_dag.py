@@ -6,7 +6,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import Job, planned_jobs
+import yaml
+from conftest import Job, planned_jobs, run_snakemake
 
 
 def producer(jobs: list[Job], path: str) -> Job:
@@ -181,3 +182,26 @@ def test_the_study_config_passes_the_snakemake_linter(workdir: Path) -> None:
 
     result = run_snakemake(workdir, "--lint", "--configfile", str(REPO / "configs" / "study.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_arm_with_its_own_finetune_keys_trains_on_the_shared_base_rollouts(workdir: Path) -> None:
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["experiments"]["regularised"] = {
+        "feedback": "textual",
+        "finetune": {"regularizer": {"ratio": 1.0}},
+    }
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(workdir)
+    assert rollout_samples("base") in producer(jobs, "results/regularised/iter1/feedback.jsonl").inputs
+
+    plan = run_snakemake(workdir, "--dry-run", "--printshellcmds", "--cores", "2").stdout
+    prefix = "Shell command: leti finetune "
+    commands = [line.removeprefix(prefix) for line in plan.splitlines() if line.startswith(prefix)]
+    ratios = {
+        command.split("--output ")[1].split()[0]: command.split('"ratio":')[1][:3] for command in commands
+    }
+    assert ratios == {
+        f"results/{arm}/iter{iteration}/adapter": "1.0" if arm == "regularised" else "0.0"
+        for arm in ("textual", "binary", "regularised")
+        for iteration in (1, 2)
+    }

@@ -268,6 +268,11 @@ class FeedbackSettings(Section):
 
 class ExperimentConfig(Section):
     feedback: FeedbackMode = "textual"
+    finetune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of the `finetune` section this arm sets otherwise, e.g. {regularizer: {ratio: 1.0}}: "
+        "arms that differ only here measure one setting side by side on the same rollouts of the base model.",
+    )
 
 
 class JobResources(Section):
@@ -447,6 +452,11 @@ class Config(Section):
         """The reward prefixes a policy is evaluated with: none for the base model."""
         return ["none"] if policy_iteration == 0 else self.evaluate.reward_prefixes
 
+    def finetune_settings(self, experiment: str) -> FinetuneSettings:
+        """What `leti finetune` receives for one arm: `finetune` with the arm's own keys merged in."""
+        section = _merged(self.finetune.model_dump(), self.experiments[experiment].finetune)
+        return FinetuneSettings(**section, seed=self.seed, device=self.device)
+
     def job_resources(self, rule: str) -> dict[str, int]:
         """Snakemake resources of one rule's jobs: mem_mb, runtime (minutes) and, for the rules
         that run a model on `device: cuda`, gpu (what the SLURM executor turns into --gpus)."""
@@ -469,6 +479,30 @@ class Config(Section):
             return self.data.geneva_dir
         from_env = os.environ.get(GENEVA_DIR_ENV, "")
         return Path(from_env) if from_env else None
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` laid over it, nested sections key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if nested else value
+    return merged
+
+
+def _arm_problems(
+    config: Config, config_files: Sequence[str | os.PathLike[str]], overrides: dict[str, Any]
+) -> list[str]:
+    """Errors in the arms' own `finetune` keys, named by their full key and where it was set."""
+    problems = []
+    for name, experiment in config.experiments.items():
+        try:
+            FinetuneConfig.model_validate(_merged(config.finetune.model_dump(), experiment.finetune))
+        except ValidationError as error:
+            for item in error.errors(include_url=False):
+                item["loc"] = ("experiments", name, "finetune", *item["loc"])
+                problems.append(_format_error(item, config_files, overrides))
+    return problems
 
 
 def _missing_files(config: Config) -> list[str]:
@@ -523,7 +557,7 @@ def load_config(
             _format_error(item, config_files, overrides or {}) for item in error.errors(include_url=False)
         ]
         raise ConfigError(_report(problems)) from None
-    problems = _missing_files(config)
+    problems = _arm_problems(config, config_files, overrides or {}) + _missing_files(config)
     if problems:
         raise ConfigError(_report(problems))
     return config
