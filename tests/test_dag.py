@@ -174,7 +174,30 @@ def test_the_study_config_plans_three_arms_and_the_reward_contrast(workdir: Path
     study = load_config_file(REPO / "configs" / "study.yaml")
     assert study.generation_settings("eval", 1, "bad").max_problems == 200
     assert study.generation_settings("eval", 1, "good").max_problems is None
-    assert study.data.limits == {"mbpp/train": 64}
+
+
+@pytest.mark.parametrize(
+    ("config_file", "expected"),
+    [
+        ("study.yaml", {"mbpp/train": "64", "mbpp/test": None, "humaneval/test": None}),
+        ("paper.yaml", {"mbpp/train": None, "mbpp/test": None, "humaneval/test": None}),
+    ],
+)
+def test_a_config_file_merged_into_config_yaml_keeps_its_own_problem_limits(
+    workdir: Path, config_file: str, expected: dict[str, str | None]
+) -> None:
+    from conftest import REPO
+
+    configfile = str(REPO / "configs" / config_file)
+    plan = run_snakemake(workdir, "--dry-run", "--printshellcmds", "--cores", "2", "--configfile", configfile)
+    prefix = "Shell command: leti tasks prepare "
+    commands = [line.removeprefix(prefix) for line in plan.stdout.splitlines() if line.startswith(prefix)]
+    limits = {}
+    for command in commands:
+        words = command.split()
+        task_set = f"{words[words.index('--dataset') + 1]}/{words[words.index('--split') + 1]}"
+        limits[task_set] = words[words.index("--limit") + 1] if "--limit" in words else None
+    assert limits == expected
 
 
 def test_the_study_config_passes_the_snakemake_linter(workdir: Path) -> None:

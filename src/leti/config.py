@@ -55,9 +55,10 @@ class DataConfig(Section):
     custom: dict[Name, dict[Name, Path]] = Field(
         default_factory=dict, description="Your own problems: {dataset: {split: path.jsonl}}."
     )
-    limits: dict[str, Count] = Field(
+    limits: dict[str, Count | None] = Field(
         default_factory=dict,
-        description='Keep only the first N problems of a task set, e.g. {"mbpp/train": 32}.',
+        description='Keep only the first N problems of a task set, e.g. {"mbpp/train": 32}; null keeps them all '
+        "(a file given with --configfile is merged into config.yaml key by key, so it undoes a limit this way).",
     )
     geneva_dir: Path | None = Field(
         default=None,
