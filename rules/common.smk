@@ -120,9 +120,10 @@ def strict_option(wildcards):
     return "--strict" if LETI.data.eae_strict and LETI.task_metric(wildcards.dataset) == "eae" else ""
 
 
-def stop_option(wildcards):
+def departure_options(wildcards):
     stops = LETI.data.extra_stop_sequences
-    return f"--extra-stop-sequences {shlex.quote(json.dumps(stops))}" if stops else ""
+    options = [f"--extra-stop-sequences {shlex.quote(json.dumps(stops))}"] if stops else []
+    return " ".join(options + (["--strip-own-tests"] if LETI.data.strip_own_tests else []))
 
 
 def limit_option(wildcards):

@@ -208,6 +208,26 @@ def test_stop_sequences_end_and_cut_exactly(base_model: Path) -> None:
     assert (at_once.completion, at_once.finish_reason, at_once.completion_tokens) == ("", "stop", 1)
 
 
+def test_a_problem_asking_for_it_has_its_own_tests_stripped_after_the_stop_cut(
+    base_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    free = run(base_model, [problem(0, PROMPTS[0])], temperature=0.0, n=1, max_new_tokens=16)[0]
+    seen: list[tuple[str, str]] = []
+
+    def fake_strip(prompt: str, completion: str) -> str:
+        seen.append((prompt, completion))
+        return completion[:3]
+
+    monkeypatch.setattr("leti.generate.strip_own_tests", fake_strip)
+    stripping = problem(0, PROMPTS[0]).model_copy(update={"strip_own_tests": True})
+    (stripped,) = run(base_model, [stripping], temperature=0.0, n=1, max_new_tokens=16)
+    assert seen == [(PROMPTS[0], free.completion)]
+    assert stripped.completion == free.completion[:3]
+    assert stripped.model_copy(update={"completion": free.completion}) == free
+    assert run(base_model, [problem(0, PROMPTS[0])], temperature=0.0, n=1, max_new_tokens=16)[0] == free
+    assert len(seen) == 1
+
+
 def test_an_end_token_ends_the_sample_and_is_not_text(base_model: Path) -> None:
     model, tokenizer = load_policy(base_model, None, "float32")
     decoder = Decoder(model, tokenizer, settings(temperature=0.0, n=1, max_new_tokens=16))

@@ -213,7 +213,7 @@ def test_prepare_tasks_rule_writes_every_split(workdir: Path) -> None:
     assert "374 problems" in (workdir / "logs/prepare_tasks/mbpp/train.log").read_text()
 
 
-def test_extra_stop_sequences_reach_the_task_files_through_the_shell(workdir: Path) -> None:
+def test_departures_reach_the_task_files_through_the_shell(workdir: Path) -> None:
     target = "resources/tasks/mbpp/test.jsonl"
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["data"]["limits"] = {"mbpp/test": 2}
@@ -223,13 +223,17 @@ def test_extra_stop_sequences_reach_the_task_files_through_the_shell(workdir: Pa
         False
     ] * 2
 
+    assert [problem.strip_own_tests for problem in read_jsonl(workdir / target, Problem)] == [False] * 2
+
     config["data"]["extra_stop_sequences"] = ["\n```", "\ndef check('$x')"]
+    config["data"]["strip_own_tests"] = True
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     assert [job.rule for job in planned_jobs(workdir, target)] == ["prepare_tasks"]
     result = run_snakemake(workdir, "--cores", "1", target)
     assert result.returncode == 0, result.stderr
-    stops = [problem.stop_sequences[-2:] for problem in read_jsonl(workdir / target, Problem)]
-    assert stops == [["\n```", "\ndef check('$x')"]] * 2
+    problems = read_jsonl(workdir / target, Problem)
+    assert [problem.stop_sequences[-2:] for problem in problems] == [["\n```", "\ndef check('$x')"]] * 2
+    assert [problem.strip_own_tests for problem in problems] == [True] * 2
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path: Path) -> None:

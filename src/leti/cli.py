@@ -69,6 +69,9 @@ def tasks_prepare(
     extra_stop_sequences: Annotated[
         str, typer.Option(help="A JSON list of stop sequences to add (a departure from the reference).")
     ] = "[]",
+    strip_own_tests: Annotated[
+        bool, typer.Option(help="Remove the model's own test code from completions (a departure).")
+    ] = False,
 ) -> None:
     """Write one task set as normalised Problem records (JSONL)."""
     from pydantic import TypeAdapter
@@ -77,7 +80,7 @@ def tasks_prepare(
     from leti.tasks import load_task_set
 
     stops = TypeAdapter(list[str]).validate_json(extra_stop_sequences)
-    problems = load_task_set(dataset, split, source, limit, ontology, strict, stops)
+    problems = load_task_set(dataset, split, source, limit, ontology, strict, stops, strip_own_tests)
     count = write_jsonl(output, problems)
     stderr.print(f"{dataset}/{split}: {count} problems -> {output}")
 

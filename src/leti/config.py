@@ -81,6 +81,11 @@ class DataConfig(Section):
         'reference\'s own (e.g. "\\n```", where an instruct model closes a Markdown fence and explains its '
         "code in prose).",
     )
+    strip_own_tests: bool = Field(
+        default=False,
+        description="A departure from the reference: remove the model's own test code (a parameterless "
+        "check()/test...() function, a top-level call) from every completion before it runs or is trained on.",
+    )
 
 
 ModelDtype = Literal["auto", "float32", "bfloat16"]

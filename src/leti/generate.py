@@ -50,6 +50,7 @@ from leti.config import Device, GenerationSettings, ModelDtype
 from leti.device import inference_dtype, resolve_device
 from leti.errors import LetiError
 from leti.io import read_jsonl, write_jsonl
+from leti.own_tests import strip_own_tests
 from leti.records import FinishReason, Problem, Sample
 from leti.special_tokens import RewardPrefix, reward_token
 
@@ -292,6 +293,8 @@ class Decoder:
 
     def _sample(self, row: _Row, completion: str, reason: FinishReason) -> Sample:
         request = row.request
+        if request.problem.strip_own_tests:
+            completion = strip_own_tests(request.problem.prompt, completion)
         return Sample(
             task_id=request.problem.task_id,
             completion=completion,

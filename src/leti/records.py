@@ -34,6 +34,10 @@ class Problem(Record):
         default=None, description="A known-correct program body, for the supervised (gold) baseline."
     )
     stop_sequences: list[str] = Field(default_factory=list)
+    strip_own_tests: bool = Field(
+        default=False,
+        description="Remove the model's own test code from completions (`leti.own_tests`; a departure).",
+    )
 
     def program(self, completion: str) -> str:
         """The full program that is executed for one completion."""

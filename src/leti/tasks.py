@@ -174,12 +174,13 @@ def load_task_set(
     ontology: str | os.PathLike[str] | None = None,
     strict: bool = False,
     extra_stop_sequences: Sequence[str] = (),
+    strip_own_tests: bool = False,
 ) -> list[Problem]:
     """The problems of one task set, in source order, cut to the first `limit` when given.
 
     Event argument extraction sets (GENEVA, or any dataset given an `ontology`) read OneIE JSONL;
     GENEVA's `source` may also be its folder. `strict` adds the verifier checks the reference lacks;
-    `extra_stop_sequences` cut completions where the reference's post-processing does not.
+    `extra_stop_sequences` and `strip_own_tests` post-process completions beyond the reference.
     """
     if source is not None and Path(source).is_dir():
         if dataset != "geneva":
@@ -205,14 +206,15 @@ def load_task_set(
             raise TaskSourceError(f"custom dataset {dataset!r} needs a JSONL file")
         problems = load_custom(source, dataset, split)
     problems = problems[:limit] if limit else problems
-    return [with_stop_sequences(problem, extra_stop_sequences) for problem in problems]
+    return [with_departures(problem, extra_stop_sequences, strip_own_tests) for problem in problems]
 
 
-def with_stop_sequences(problem: Problem, extra: Sequence[str]) -> Problem:
-    added = [stop for stop in dict.fromkeys(extra) if stop not in problem.stop_sequences]
-    if not added:
+def with_departures(problem: Problem, extra_stop_sequences: Sequence[str], strip_own_tests: bool) -> Problem:
+    added = [stop for stop in dict.fromkeys(extra_stop_sequences) if stop not in problem.stop_sequences]
+    if not added and not strip_own_tests:
         return problem
-    return problem.model_copy(update={"stop_sequences": [*problem.stop_sequences, *added]})
+    update = {"stop_sequences": [*problem.stop_sequences, *added], "strip_own_tests": strip_own_tests}
+    return problem.model_copy(update=update)
 
 
 def download_checked(url: str, destination: str | os.PathLike[str], sha256: str, offline_hint: str) -> Path:

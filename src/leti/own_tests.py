@@ -1,0 +1,78 @@
+"""The model's own test code in a completion: finding it, and (a departure from the reference,
+`data.strip_own_tests`) removing it before the program runs.
+
+Instruct models often follow a solution with a self-check such as
+
+    def check():
+        assert square_perimeter(15) == 45
+    check()
+
+with invented expected values, so a correct function can fail on its own test. The reference's
+stop sequences (`"\\nassert"`, `"\\nprint"`, `"\\nif"` ...) cut top-level asserts but not these.
+Own test code is, at the top level of the completion: a bare expression statement (a call such as
+`check()`; a string literal is kept), a function without parameters named `check` or `test...`,
+and an `if __name__ == "__main__":` block. Everything else (imports, helpers, classes,
+assignments) stays.
+"""
+
+from __future__ import annotations
+
+import ast
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.If)
+        and "__name__" in ast.unparse(node.test)
+        and "__main__" in ast.unparse(node.test)
+    )
+
+
+def _is_own_test(node: ast.stmt) -> bool:
+    if _is_main_guard(node):
+        return True
+    if isinstance(node, ast.Expr):
+        return not (isinstance(node.value, ast.Constant) and isinstance(node.value.value, str))
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        arguments = node.args
+        takes_nothing = not (
+            arguments.posonlyargs
+            or arguments.args
+            or arguments.kwonlyargs
+            or arguments.vararg
+            or arguments.kwarg
+        )
+        return takes_nothing and (node.name == "check" or node.name.startswith("test"))
+    return False
+
+
+def own_test_lines(prompt: str, completion: str) -> list[tuple[int, int]]:
+    """The own test statements of `completion`, as (first, last) indices into `completion.split("\\n")`.
+
+    Only statements that begin on a line of their own in the completion count; none when
+    prompt + completion does not parse (the program fails with a SyntaxError either way)."""
+    try:
+        module = ast.parse(prompt + completion)
+    except (SyntaxError, ValueError):
+        return []
+    prompt_newlines = prompt.count("\n")
+    spans = []
+    for node in module.body:
+        first = node.lineno - 1 - prompt_newlines
+        if first >= 1 and _is_own_test(node):
+            spans.append((first, (node.end_lineno or node.lineno) - 1 - prompt_newlines))
+    return spans
+
+
+def has_own_tests(prompt: str, completion: str) -> bool:
+    return bool(own_test_lines(prompt, completion))
+
+
+def strip_own_tests(prompt: str, completion: str) -> str:
+    """`completion` without its own test statements (unchanged when it has none or does not parse)."""
+    spans = own_test_lines(prompt, completion)
+    if not spans:
+        return completion
+    dropped = {index for first, last in spans for index in range(first, last + 1)}
+    lines = completion.split("\n")
+    return "\n".join(line for index, line in enumerate(lines) if index not in dropped).rstrip() + "\n"
