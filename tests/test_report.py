@@ -205,6 +205,37 @@ def test_summary_command_prints_the_table(results: Path) -> None:
     assert "paired comparisons" in shown.stdout and "mcnemar-exact" in shown.stdout
 
 
+def test_compare_pairs_the_evaluations_two_runs_share(results: Path, tmp_path: Path) -> None:
+    departure = tmp_path / "departure"
+    write_json(eval_path(departure, "base"), metrics("base", 0, 0.3))
+    write_json(eval_path(departure, "textual/iter1"), metrics("textual/iter1", 1, 1.0))
+    write_json(
+        eval_path(departure, "textual/iter1", "good", "humaneval"),
+        metrics("textual/iter1", 1, 1.0, "humaneval"),
+    )
+    table_path = tmp_path / "departure.csv"
+
+    shown = leti("compare", str(departure), str(results), "--output", str(table_path))
+    assert shown.returncode == 0, shown.stderr
+    table = pd.read_csv(table_path)
+    assert list(table.columns) == COMPARISON_COLUMNS
+    assert set(table["kind"]) == {"run_vs_run"}
+    assert (table["policy_a"] == table["policy_b"]).all()
+    rows = table.set_index("policy_a")
+    assert rows.loc["base", "difference"] == 0.0
+    assert rows.loc["textual/iter1", ["value_a", "value_b", "difference"]].tolist() == pytest.approx(
+        [1.0, 0.4, 0.6]
+    )
+    # Problems 4-9 passed only in the departure: exact McNemar, 2 * 0.5**6.
+    assert rows.loc["textual/iter1", "p_value"] == pytest.approx(2 * 0.5**6)
+    assert "textual/iter1 <good>" in shown.stdout and "+0.600" in shown.stdout
+
+    nothing_shared = tmp_path / "other"
+    write_json(eval_path(nothing_shared, "gold/iter1"), metrics("gold/iter1", 1, 0.5))
+    refused = leti("compare", str(nothing_shared), str(results))
+    assert refused.returncode != 0 and "share no evaluation" in refused.stderr
+
+
 BENCHMARK_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
 

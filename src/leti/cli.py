@@ -297,6 +297,25 @@ def summary(results: Annotated[Path, typer.Argument(exists=True, file_okay=False
 
 
 @app.command()
+def compare(
+    results_a: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    results_b: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    output: Annotated[
+        Path | None, typer.Option(help="Also write the rows as CSV (comparisons.csv's columns).")
+    ] = None,
+) -> None:
+    """Pair the evaluations two runs share (say a departure against the faithful setting), problem by
+    problem: a - b with its 95% paired-bootstrap CI and p-value."""
+    from leti.io import atomic_path
+    from leti.report import compare_runs
+
+    table = compare_runs(results_a, results_b, table_console())
+    if output is not None:
+        with atomic_path(output) as tmp:
+            table.to_csv(tmp, index=False)
+
+
+@app.command()
 def timings(
     benchmarks: Annotated[Path, typer.Argument(exists=True, file_okay=False)] = Path("benchmarks"),
 ) -> None:

@@ -4,7 +4,9 @@ Three kinds, each on every evaluation task set:
 - `vs_base`: every trained policy against the base model (per reward prefix);
 - `arm_vs_arm`: two arms at the same iteration and reward prefix;
 - `good_vs_bad` (and `good_vs_none`): one trained policy under two reward prefixes, the check that
-  it learned what the reward tokens mean.
+  it learned what the reward tokens mean;
+- `run_vs_run` (`leti compare`): the same evaluation in two runs, e.g. a departure from the
+  reference against the faithful setting.
 Each row has the difference a - b, its 95% paired-bootstrap CI and an exact paired test's p-value
 (leti.stats), for every pass@k and every task metric both sides have.
 """
@@ -106,6 +108,23 @@ def comparisons_table(documents: Iterable[Metrics]) -> pd.DataFrame:
     documents = list(documents)
     rows = [row for kind, a, b in comparison_pairs(documents) for row in compare_documents(kind, a, b)]
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def runs_table(documents_a: Iterable[Metrics], documents_b: Iterable[Metrics]) -> pd.DataFrame:
+    """Every evaluation the two runs share (same policy, reward prefix and task set), a - b."""
+    by_key = {_evaluation_key(document): document for document in documents_b if document.purpose == "eval"}
+    pairs = [(a, by_key.get(_evaluation_key(a))) for a in sorted(documents_a, key=_task_set_order)]
+    rows = [
+        row
+        for a, b in pairs
+        if a.purpose == "eval" and b is not None
+        for row in compare_documents("run_vs_run", a, b)
+    ]
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def _evaluation_key(document: Metrics) -> tuple:
+    return document.policy, document.reward_prefix, document.dataset, document.split
 
 
 def _metric_columns(

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from leti.comparisons import comparisons_table
+from leti.comparisons import comparisons_table, runs_table
 from leti.evaluate import OTHER_ERROR, SHARE_PREFIX, TRACKED_ERRORS
 from leti.io import ArtifactError, read_json, read_jsonl
 from leti.layout import BASE_POLICY, parse_policy, policy_name
@@ -568,6 +568,26 @@ def print_summary(results: str | os.PathLike[str], console: Console) -> None:
         console.print(
             _rich_table(comparison_view(comparisons), "paired comparisons: a - b on the same problems")
         )
+
+
+def compare_runs(
+    results_a: str | os.PathLike[str], results_b: str | os.PathLike[str], console: Console
+) -> pd.DataFrame:
+    """The evaluations two results folders share, paired problem by problem (a - b), printed."""
+    documents = []
+    for results in (results_a, results_b):
+        paths = sorted(Path(results).glob("**/metrics.json"))
+        if not paths:
+            raise ArtifactError(f"{results}: no metrics.json found under it")
+        documents.append(read_metrics(paths))
+    table = runs_table(*documents)
+    if table.empty:
+        raise ArtifactError(f"{results_a} and {results_b} share no evaluation (policy, prefix and task set)")
+    view = comparison_view(table).drop(columns="b").rename(columns={"a": "policy"})
+    view.insert(3, "a", table["value_a"].map("{:.3f}".format))
+    view.insert(4, "b", table["value_b"].map("{:.3f}".format))
+    console.print(_rich_table(view, f"a - b on the same problems; a: {results_a}, b: {results_b}"))
+    return table
 
 
 def comparison_view(comparisons: pd.DataFrame) -> pd.DataFrame:
