@@ -26,6 +26,7 @@ from leti.generate import (
     generate_file,
     load_policy,
     policy_input,
+    postprocess_samples,
     remove_prefix,
     sample_seed,
     stop_index,
@@ -228,6 +229,24 @@ def test_a_problem_asking_for_it_has_its_own_tests_stripped_after_the_stop_cut(
     assert len(seen) == 1
 
 
+def test_postprocessing_stored_samples_gives_what_generating_with_it_gives(
+    base_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (free,) = run(base_model, [problem(0, PROMPTS[0])], temperature=0.0, n=1, max_new_tokens=16)
+    stopping = problem(0, PROMPTS[0], [free.completion[5:8]])
+    (cut,) = run(base_model, [stopping], temperature=0.0, n=1, max_new_tokens=16)
+    (processed,) = postprocess_samples([stopping], [free])
+    assert (processed.completion, processed.finish_reason) == (cut.completion, "stop")
+    assert processed.completion_tokens == free.completion_tokens
+    assert postprocess_samples([problem(0, PROMPTS[0])], [free]) == [free]
+
+    monkeypatch.setattr("leti.generate.strip_own_tests", lambda prompt, completion: completion[:2])
+    stripping = stopping.model_copy(update={"strip_own_tests": True})
+    assert postprocess_samples([stripping], [free])[0].completion == cut.completion[:2]
+    with pytest.raises(GenerationError, match="'T/0', which is not in the task set"):
+        postprocess_samples([problem(1, PROMPTS[1])], [free])
+
+
 def test_an_end_token_ends_the_sample_and_is_not_text(base_model: Path) -> None:
     model, tokenizer = load_policy(base_model, None, "float32")
     decoder = Decoder(model, tokenizer, settings(temperature=0.0, n=1, max_new_tokens=16))
@@ -329,6 +348,32 @@ def test_cli_generate(base_model: Path, tasks: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     assert len(read_jsonl(output, Sample)) == 12
+
+
+def test_cli_postprocess_cuts_stored_samples_at_new_stops(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from leti.cli import app
+
+    sample = Sample(
+        task_id="T/0", completion="\ndef f():\n    return 1\n```\nprose", policy_iteration=0,
+        sample_index=0, seed=0, prompt_tokens=3, completion_tokens=9, finish_reason="eos",
+    )  # fmt: skip
+    write_jsonl(tmp_path / "samples.jsonl", [sample, sample.model_copy(update={"completion": "\npass"})])
+    write_jsonl(tmp_path / "tasks.jsonl", [problem(0, "x", ["\n```"])])
+    command = [
+        "postprocess",
+        "--tasks",
+        str(tmp_path / "tasks.jsonl"),
+        "--samples",
+        str(tmp_path / "samples.jsonl"),
+    ]
+    result = CliRunner().invoke(app, [*command, "--output", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 completions changed" in result.output
+    processed = read_jsonl(tmp_path / "out.jsonl", Sample)
+    assert [s.completion for s in processed] == ["\ndef f():\n    return 1", "\npass"]
+    assert [s.finish_reason for s in processed] == ["stop", "eos"]
 
 
 def test_a_merged_policy_projects_the_last_position_without_broadcasting(

@@ -176,6 +176,21 @@ def generate(
 
 
 @app.command()
+def postprocess(tasks: InputFile, samples: InputFile, output: OutputPath) -> None:
+    """Apply the task set's post-processing (stop sequences, own-test stripping) to samples generated
+    without it: e.g. a departure's effect on an evaluation, without generating again."""
+    from leti.generate import postprocess_samples
+    from leti.io import read_jsonl, write_jsonl
+    from leti.records import Problem, Sample
+
+    original = read_jsonl(samples, Sample)
+    processed = postprocess_samples(read_jsonl(tasks, Problem), original)
+    changed = sum(a.completion != b.completion for a, b in zip(original, processed, strict=True))
+    write_jsonl(output, processed)
+    stderr.print(f"{changed} of {len(processed)} completions changed -> {output}")
+
+
+@app.command()
 def execute(
     tasks: InputFile,
     samples: InputFile,

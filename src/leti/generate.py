@@ -427,3 +427,26 @@ def generate_file(
         samples = decoder.run(requests, done)
     write_jsonl(output, samples)
     return samples
+
+
+def postprocess_samples(problems: Sequence[Problem], samples: Sequence[Sample]) -> list[Sample]:
+    """Samples as their problems' post-processing (stop sequences, `strip_own_tests`) would have left
+    them: what a change of post-processing gives without generating again. Exact for the cut (the
+    decoder stops at the first stop sequence, as `stop_index` finds it here); `completion_tokens`
+    still counts the tokens the policy generated."""
+    by_id = {problem.task_id: problem for problem in problems}
+    processed = []
+    for sample in samples:
+        problem = by_id.get(sample.task_id)
+        if problem is None:
+            raise GenerationError(f"sample of task {sample.task_id!r}, which is not in the task set")
+        update: dict[str, object] = {}
+        cut = stop_index(sample.completion, problem.stop_sequences)
+        if cut is not None:
+            update = {"completion": sample.completion[:cut], "finish_reason": "stop"}
+        if problem.strip_own_tests:
+            update["completion"] = strip_own_tests(
+                problem.prompt, str(update.get("completion", sample.completion))
+            )
+        processed.append(sample.model_copy(update=update))
+    return processed
