@@ -331,6 +331,32 @@ def compare(
 
 
 @app.command()
+def diagnose(
+    results: Annotated[Path, typer.Argument(exists=True, file_okay=False)] = Path("results"),
+    tasks: Annotated[Path, typer.Option(exists=True, file_okay=False, help="The prepared task sets.")] = Path(
+        "resources/tasks"
+    ),
+    output: Annotated[Path | None, typer.Option(help="Also write the rows as CSV.")] = None,
+) -> None:
+    """Text features of every samples set under RESULTS, with 95% CIs: own test code, length cuts,
+    SyntaxErrors, Markdown fences, mean completion tokens."""
+    from leti.diagnose import diagnosis_table, diagnosis_view
+    from leti.io import atomic_path
+    from leti.report import print_frame
+
+    table = diagnosis_table(results, tasks)
+    for (dataset, split), view in diagnosis_view(table).groupby(["dataset", "split"], sort=False):
+        print_frame(
+            view.drop(columns=["dataset", "split"]),
+            f"{dataset}/{split}: share of samples [95% CI]",
+            table_console(),
+        )
+    if output is not None:
+        with atomic_path(output) as tmp:
+            table.to_csv(tmp, index=False)
+
+
+@app.command()
 def timings(
     benchmarks: Annotated[Path, typer.Argument(exists=True, file_okay=False)] = Path("benchmarks"),
 ) -> None:

@@ -622,6 +622,10 @@ def print_timings(benchmarks: str | os.PathLike[str], console: Console) -> None:
     )
 
 
+def print_frame(frame: pd.DataFrame, title: str, console: Console) -> None:
+    console.print(_rich_table(frame, title))
+
+
 def _rich_table(frame: pd.DataFrame, title: str, float_format: str = "{:.3f}") -> Table:
     view = Table(*[str(column) for column in frame.columns], title=title)
     for row in frame.itertuples(index=False):
