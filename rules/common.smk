@@ -57,7 +57,7 @@ def all_metrics():
         rules.evaluate.output.metrics.format(policy=policy, purpose=eval_purpose(prefix), **split_task_set(task_set))
         for policy in ["base", *trained_policies()]
         for prefix in LETI.evaluation_prefixes(parse_policy(policy)[1])
-        for task_set in LETI.evaluate.tasks
+        for task_set in LETI.evaluate.task_sets_under(prefix)
     ]
     rollouts = [
         rules.evaluate.output.metrics.format(policy=policy, purpose="rollouts", **split_task_set(LETI.generate.tasks))

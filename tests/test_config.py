@@ -269,3 +269,14 @@ def test_an_arms_finetune_keys_are_checked_and_located(raw_config: dict, tmp_pat
         f"(got -1)  [{path}:{ratio_line}]"
     ) in message
     assert "experiments.regularised.finetune.seed: unknown key" in message
+
+
+def test_prefix_tasks_restrict_a_prefix_to_some_evaluation_task_sets(raw_config: dict) -> None:
+    raw_config["evaluate"].update(reward_prefix=["good", "bad"], prefix_tasks={"bad": ["mbpp/test"]})
+    config = load_config(raw_config)
+    assert config.evaluate.task_sets_under("bad") == ["mbpp/test"]
+    assert config.evaluate.task_sets_under("good") == ["mbpp/test", "humaneval/test"]
+    raw_config["evaluate"]["prefix_tasks"] = {"bad": ["mbpp/validation"]}
+    assert "evaluate.prefix_tasks.bad: mbpp/validation is not one of evaluate.tasks" in config_error(
+        raw_config
+    )

@@ -164,10 +164,11 @@ def test_the_study_config_plans_three_arms_and_the_reward_contrast(workdir: Path
     assert counts["finetune"] == counts["build_feedback"] == arms * iterations
     rollouts = 1 + 2 * (iterations - 1)  # the gold arm has none
     good = eval_sets * (1 + arms * iterations)
-    bad = eval_sets * arms * iterations
+    bad = arms * iterations  # MBPP only
     assert counts["generate"] == counts["execute"] == rollouts + good + bad
     outputs = {o for job in jobs for o in job.outputs}
     assert "results/gold/iter2/eval-bad/mbpp/test/metrics.json" in outputs
+    assert not any("eval-bad/humaneval" in output for output in outputs)
     # <|bad|> covers the first 200 MBPP test problems; <|good|> all of them.
     from leti.config import load_config_file
 

@@ -227,6 +227,26 @@ class EvaluateConfig(SamplingConfig):
         description="Evaluate with a prefix on only the first N problems of each task set, e.g. {bad: 200}: "
         "a cheaper good-vs-bad contrast (comparisons pair the problems both evaluations have).",
     )
+    prefix_tasks: dict[RewardPrefix, list[str]] = Field(
+        default_factory=dict,
+        description="Evaluate with a prefix on only these of `evaluate.tasks`, e.g. {bad: [mbpp/test]}; "
+        "a prefix not listed is evaluated on all of them.",
+    )
+
+    @model_validator(mode="after")
+    def _prefix_tasks_are_evaluated(self) -> EvaluateConfig:
+        for prefix, task_sets in self.prefix_tasks.items():
+            unknown = [name for name in task_sets if name not in self.tasks]
+            if unknown or not task_sets:
+                raise ValueError(
+                    f"evaluate.prefix_tasks.{prefix}: {', '.join(unknown) or 'nothing'} is not one of "
+                    f"evaluate.tasks ({', '.join(self.tasks)})"
+                )
+        return self
+
+    def task_sets_under(self, prefix: RewardPrefix) -> list[str]:
+        """The task sets evaluated with `prefix`."""
+        return self.prefix_tasks.get(prefix, self.tasks)
 
     @field_validator("reward_prefix")
     @classmethod
