@@ -48,7 +48,8 @@ rule prepare_tasks:
         ontology=optional_flag("ontology"),
         strict=strict_option,
         limit=limit_option,
-        departures=departure_options,
+        # The departures from the reference (data.extra_stop_sequences, data.strip_own_tests).
+        stops=departure_options,
     threads: job_threads("prepare_tasks")
     resources:
         **job_resources("prepare_tasks"),
@@ -60,4 +61,4 @@ rule prepare_tasks:
         "benchmarks/prepare_tasks/{dataset}/{split}.tsv"
     shell:
         "leti tasks prepare --dataset {wildcards.dataset} --split {wildcards.split} "
-        "{params.source} {params.ontology} {params.strict} {params.limit} {params.departures} --output {output} > {log} 2>&1"
+        "{params.source} {params.ontology} {params.strict} {params.limit} {params.stops} --output {output} > {log} 2>&1"
