@@ -10,10 +10,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from leti.config import ConfigError, ExecuteConfig
 from leti.io import ArtifactError, read_json, read_jsonl, write_jsonl
+from leti.progress import StageProgress
 from leti.records import Execution, Problem, Sample, SandboxImage
 from leti.sandbox import RunResult, SandboxPool, open_pool, run_programs
 from leti.sandbox.feedback import feedback_text, sanitise
@@ -68,7 +69,7 @@ def execute_samples(
     console: Console | None = None,
 ) -> list[Execution]:
     """Run `programs[i]` for `samples[i]`, with a progress bar; records in the same order."""
-    progress = Progress(
+    progress = StageProgress(
         TextColumn("executing"),
         BarColumn(),
         MofNCompleteColumn(),

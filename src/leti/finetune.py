@@ -358,8 +358,10 @@ def finetune(
     on_step: StepCallback | None = None,
 ) -> list[TrainStep]:
     from accelerate import Accelerator
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import AutoTokenizer, get_scheduler
+
+    from leti.progress import StageProgress
 
     if threads:
         torch.set_num_threads(threads)
@@ -414,7 +416,7 @@ def finetune(
             f"resuming after step {len(log)} of {len(step_starts)} ({checkpoints / CHECKPOINT_FILE})"
         )
 
-    progress = Progress(
+    progress = StageProgress(
         TextColumn("finetune"),
         BarColumn(),
         TextColumn("step {task.completed}/{task.total}"),

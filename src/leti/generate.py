@@ -30,7 +30,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     ProgressColumn,
     Task,
     TextColumn,
@@ -51,6 +50,7 @@ from leti.device import inference_dtype, resolve_device
 from leti.errors import LetiError
 from leti.io import read_jsonl, write_jsonl
 from leti.own_tests import strip_own_tests
+from leti.progress import StageProgress
 from leti.records import FinishReason, Problem, Sample
 from leti.special_tokens import RewardPrefix, reward_token
 
@@ -406,7 +406,7 @@ def generate_file(
         "%d problems x %d samples, %s on %s, %d thread(s), batch %d",
         len(problems), settings.n, model.dtype, model.device, threads, settings.batch_size,
     )  # fmt: skip
-    progress = Progress(
+    progress = StageProgress(
         TextColumn("generate"),
         BarColumn(bar_width=24),
         MofNCompleteColumn(),
