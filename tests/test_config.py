@@ -280,3 +280,10 @@ def test_prefix_tasks_restrict_a_prefix_to_some_evaluation_task_sets(raw_config:
     assert "evaluate.prefix_tasks.bad: mbpp/validation is not one of evaluate.tasks" in config_error(
         raw_config
     )
+
+
+def test_an_arm_set_to_null_is_left_out(raw_config: dict) -> None:
+    raw_config["experiments"]["binary"] = None
+    assert list(load_config(raw_config).experiments) == ["textual"]
+    raw_config["experiments"]["textual"] = None
+    assert "experiments: Dictionary should have at least 1 item" in config_error(raw_config)

@@ -182,6 +182,7 @@ def test_the_study_config_plans_three_arms_and_the_reward_contrast(workdir: Path
     [
         ("study.yaml", {"mbpp/train": "64", "mbpp/test": None, "humaneval/test": None}),
         ("paper.yaml", {"mbpp/train": None, "mbpp/test": None, "humaneval/test": None}),
+        ("regularizer.yaml", {"mbpp/train": "16", "mbpp/validation": None}),
     ],
 )
 def test_a_config_file_merged_into_config_yaml_keeps_its_own_problem_limits(
@@ -229,3 +230,18 @@ def test_an_arm_with_its_own_finetune_keys_trains_on_the_shared_base_rollouts(wo
         for arm in ("textual", "binary", "regularised")
         for iteration in (1, 2)
     }
+
+
+def test_the_regulariser_config_is_an_arm_against_arm_comparison_on_validation(workdir: Path) -> None:
+    from conftest import REPO
+
+    configfile = str(REPO / "configs" / "regularizer.yaml")
+    jobs = planned_jobs(workdir, "--configfile", configfile)
+    assert Counter(job.rule for job in jobs)["finetune"] == 4
+    outputs = {output for job in jobs for output in job.outputs}
+    assert {o for o in outputs if o.endswith("metrics.json") and "/eval-" in o} == {
+        f"results/{policy}/{purpose}/mbpp/validation/metrics.json"
+        for policy, purpose in [("base", "eval-none")]
+        + [(f"{arm}/iter{i}", "eval-good") for arm in ("textual", "textual-regularised") for i in (1, 2)]
+    }
+    assert run_snakemake(workdir, "--lint", "--configfile", configfile).returncode == 0

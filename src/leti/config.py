@@ -391,7 +391,20 @@ class Config(Section):
     execute: ExecuteConfig = Field(default_factory=ExecuteConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig
-    experiments: dict[Name, ExperimentConfig] = Field(min_length=1)
+    experiments: dict[Name, ExperimentConfig] = Field(
+        min_length=1,
+        description="The arms. An arm set to null is left out: a file given with --configfile is merged "
+        "into config.yaml key by key, and this is how it drops an arm config.yaml defines.",
+    )
+
+    @field_validator("experiments", mode="before")
+    @classmethod
+    def _drop_null_arms(cls, value: Any) -> Any:
+        return (
+            {name: arm for name, arm in value.items() if arm is not None}
+            if isinstance(value, dict)
+            else value
+        )
 
     @model_validator(mode="after")
     def _task_sets_exist(self) -> Config:
