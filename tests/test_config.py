@@ -287,3 +287,30 @@ def test_an_arm_set_to_null_is_left_out(raw_config: dict) -> None:
     assert list(load_config(raw_config).experiments) == ["textual"]
     raw_config["experiments"]["textual"] = None
     assert "experiments: Dictionary should have at least 1 item" in config_error(raw_config)
+
+
+@pytest.mark.parametrize("name", ["study", "eae", "paper", "regularizer", "strip-own-tests"])
+def test_every_config_file_is_valid_merged_into_config_yaml(
+    name: str, mbpp_path: Path, geneva_dir: Path
+) -> None:
+    import subprocess
+    import sys
+
+    env = {
+        "PATH": str(Path(sys.executable).parent),
+        "LETI_MBPP_PATH": str(mbpp_path),
+        "LETI_GENEVA_DIR": str(geneva_dir),
+    }
+    leti = str(Path(sys.executable).parent / "leti")
+    files = [str(REPO / "config.yaml"), str(REPO / "configs" / f"{name}.yaml")]
+    checked = subprocess.run([leti, "config", "check", *files], capture_output=True, text=True, env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert "valid" in checked.stderr
+
+
+def test_merged_config_files_name_the_file_that_set_a_bad_key(tmp_path: Path, mbpp_path: Path) -> None:
+    override = tmp_path / "override.yaml"
+    override.write_text("data:\n  mbpp_path: " + str(mbpp_path) + "\nevaluate:\n  n: 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config_file(REPO / "config.yaml", override)
+    assert f"evaluate.n: Input should be greater than 0 (got 0)  [{override}:4]" in str(caught.value)

@@ -172,7 +172,7 @@ def test_the_study_config_plans_three_arms_and_the_reward_contrast(workdir: Path
     # <|bad|> covers the first 200 MBPP test problems; <|good|> all of them.
     from leti.config import load_config_file
 
-    study = load_config_file(REPO / "configs" / "study.yaml")
+    study = load_config_file(REPO / "config.yaml", REPO / "configs" / "study.yaml")
     assert study.generation_settings("eval", 1, "bad").max_problems == 200
     assert study.generation_settings("eval", 1, "good").max_problems is None
 
@@ -183,6 +183,7 @@ def test_the_study_config_plans_three_arms_and_the_reward_contrast(workdir: Path
         ("study.yaml", {"mbpp/train": "64", "mbpp/test": None, "humaneval/test": None}),
         ("paper.yaml", {"mbpp/train": None, "mbpp/test": None, "humaneval/test": None}),
         ("regularizer.yaml", {"mbpp/train": "16", "mbpp/validation": None}),
+        ("strip-own-tests.yaml", {"mbpp/train": "16", "mbpp/validation": None}),
     ],
 )
 def test_a_config_file_merged_into_config_yaml_keeps_its_own_problem_limits(

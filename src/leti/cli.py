@@ -105,14 +105,17 @@ def tasks_download_geneva(output: OutputPath) -> None:
 
 @config_app.command("check")
 def config_check(
-    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)] = Path("config.yaml"),
+    paths: Annotated[list[Path] | None, typer.Argument(exists=True, dir_okay=False)] = None,
 ) -> None:
-    """Validate a config file without running anything."""
+    """Validate config files without running anything; several are merged in order, key by key, as
+    Snakemake merges them (e.g. config.yaml configs/study.yaml)."""
     from leti.config import load_config_file
 
-    config = load_config_file(path)
+    files = paths or [Path("config.yaml")]
+    config = load_config_file(*files)
     stderr.print(
-        f"{path}: valid; {config.iterations} iteration(s), experiments: {', '.join(config.experiments)}"
+        f"{' + '.join(map(str, files))}: valid; {config.iterations} iteration(s), "
+        f"experiments: {', '.join(config.experiments)}"
     )
 
 

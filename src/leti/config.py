@@ -602,12 +602,16 @@ def load_config(
     return config
 
 
-def load_config_file(path: str | os.PathLike[str]) -> Config:
-    with open(path, encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(_report([f"{path}: the top level must be a mapping of keys"]))
-    return load_config(raw, [path])
+def load_config_file(*paths: str | os.PathLike[str]) -> Config:
+    """Validate config files merged in order as Snakemake merges `--configfile`s: key by key."""
+    raw: dict[str, Any] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            layer = yaml.safe_load(handle) or {}
+        if not isinstance(layer, dict):
+            raise ConfigError(_report([f"{path}: the top level must be a mapping of keys"]))
+        raw = _merged(raw, layer)
+    return load_config(raw, paths)
 
 
 def _report(problems: list[str]) -> str:
