@@ -18,6 +18,7 @@ from leti.report import (
     error_types_figure,
     outcome_table,
     pass_at_k_table,
+    read_metrics,
     rule_times,
     share_table,
     summarize,
@@ -180,7 +181,7 @@ def test_an_outcome_has_one_colour_in_every_panel(results: Path) -> None:
         update={"error_types": {"passed": 2, "NameError": 3, "AssertionError": 5}}
     )
     write_json(eval_path(results, "binary/iter1"), document)
-    figure = error_types_figure(summary_table(sorted(results.glob("**/metrics.json"))))
+    figure = error_types_figure(summary_table(read_metrics(sorted(results.glob("**/metrics.json")))))
     colours: dict[str, set] = {}
     for axis in figure.axes:
         for bars in axis.containers:

@@ -324,13 +324,12 @@ def compare(
 ) -> None:
     """Pair the evaluations two runs share (say a departure against the faithful setting), problem by
     problem: a - b with its 95% paired-bootstrap CI and p-value."""
-    from leti.io import atomic_path
+    from leti.io import write_csv
     from leti.report import compare_runs
 
     table = compare_runs(results_a, results_b, table_console())
     if output is not None:
-        with atomic_path(output) as tmp:
-            table.to_csv(tmp, index=False)
+        write_csv(output, table)
 
 
 @app.command()
@@ -344,7 +343,7 @@ def diagnose(
     """Text features of every samples set under RESULTS, with 95% CIs: own test code, length cuts,
     SyntaxErrors, Markdown fences, mean completion tokens."""
     from leti.diagnose import diagnosis_table, diagnosis_view
-    from leti.io import atomic_path
+    from leti.io import write_csv
     from leti.report import print_frame
 
     table = diagnosis_table(results, tasks)
@@ -355,8 +354,7 @@ def diagnose(
             table_console(),
         )
     if output is not None:
-        with atomic_path(output) as tmp:
-            table.to_csv(tmp, index=False)
+        write_csv(output, table)
 
 
 @app.command()

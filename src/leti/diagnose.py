@@ -16,6 +16,7 @@ import pandas as pd
 
 from leti import stats
 from leti.io import ArtifactError, read_jsonl
+from leti.layout import parse_samples_folder
 from leti.own_tests import has_own_tests
 from leti.records import Execution, ExecutionStatus, Problem, Sample
 
@@ -90,12 +91,12 @@ def diagnosis_table(results: str | os.PathLike[str], tasks: str | os.PathLike[st
         executions_path = samples_path.with_name("executions.jsonl")
         if not executions_path.is_file():
             continue
-        parts = samples_path.relative_to(root).parts
-        if len(parts) < 5:
-            raise ArtifactError(
-                f"{samples_path}: not laid out as {{policy}}/{{purpose}}/{{dataset}}/{{split}}/"
+        try:
+            policy, purpose, dataset, split = parse_samples_folder(
+                samples_path.parent.relative_to(root).as_posix()
             )
-        policy, purpose, dataset, split = "/".join(parts[:-4]), parts[-4], parts[-3], parts[-2]
+        except ValueError as error:
+            raise ArtifactError(f"{samples_path}: {error}") from None
         problems = read_jsonl(Path(tasks) / dataset / f"{split}.jsonl", Problem)
         found = diagnose_samples(
             problems, read_jsonl(samples_path, Sample), read_jsonl(executions_path, Execution)

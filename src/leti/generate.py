@@ -90,6 +90,11 @@ def stop_index(text: str, stop_sequences: Sequence[str]) -> int | None:
     return min(found, default=None)
 
 
+def without_own_tests(problem: Problem, completion: str) -> str:
+    """The completion after the stop cut, without its own test code if the problem asks for that."""
+    return strip_own_tests(problem.prompt, completion) if problem.strip_own_tests else completion
+
+
 def sample_seed(seed: int, task_id: str, sample_index: int) -> int:
     """A per-sample seed, stable across runs, machines and batch layouts."""
     digest = hashlib.sha256(f"{seed}\0{task_id}\0{sample_index}".encode()).digest()
@@ -293,11 +298,9 @@ class Decoder:
 
     def _sample(self, row: _Row, completion: str, reason: FinishReason) -> Sample:
         request = row.request
-        if request.problem.strip_own_tests:
-            completion = strip_own_tests(request.problem.prompt, completion)
         return Sample(
             task_id=request.problem.task_id,
-            completion=completion,
+            completion=without_own_tests(request.problem, completion),
             policy_iteration=self.settings.policy_iteration,
             sample_index=request.sample_index,
             seed=request.seed,
@@ -440,13 +443,8 @@ def postprocess_samples(problems: Sequence[Problem], samples: Sequence[Sample]) 
         problem = by_id.get(sample.task_id)
         if problem is None:
             raise GenerationError(f"sample of task {sample.task_id!r}, which is not in the task set")
-        update: dict[str, object] = {}
         cut = stop_index(sample.completion, problem.stop_sequences)
-        if cut is not None:
-            update = {"completion": sample.completion[:cut], "finish_reason": "stop"}
-        if problem.strip_own_tests:
-            update["completion"] = strip_own_tests(
-                problem.prompt, str(update.get("completion", sample.completion))
-            )
-        processed.append(sample.model_copy(update=update))
+        reason = sample.finish_reason if cut is None else "stop"
+        completion = without_own_tests(problem, sample.completion[:cut])
+        processed.append(sample.model_copy(update={"completion": completion, "finish_reason": reason}))
     return processed

@@ -16,11 +16,14 @@ import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from leti.errors import LetiError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RecordT = TypeVar("RecordT", bound=BaseModel)
 
@@ -158,6 +161,12 @@ def write_json(path: str | os.PathLike[str], record: BaseModel) -> None:
     """Write a single record as an indented JSON document, atomically."""
     with atomic_path(path) as tmp:
         _write_lines(tmp, [record.model_dump_json(indent=2)])
+
+
+def write_csv(path: str | os.PathLike[str], table: pd.DataFrame) -> None:
+    """Write a table as CSV without its index, atomically."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
 
 
 def read_json(path: str | os.PathLike[str], record_type: type[RecordT]) -> RecordT:

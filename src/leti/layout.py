@@ -50,3 +50,13 @@ def parse_purpose(purpose: str) -> tuple[Purpose, RewardPrefix | None]:
     if match is None:
         raise ValueError(f"not a purpose folder: {purpose!r}; expected rollouts or eval-{{good,bad,none}}")
     return "eval", match.group(1)  # type: ignore[return-value]
+
+
+def parse_samples_folder(relative: str) -> tuple[str, str, str, str]:
+    """(policy, purpose folder, dataset, split) of a samples folder under `results/`, laid out as
+    `{policy}/{purpose}/{dataset}/{split}` (the generate rule's output)."""
+    match = re.fullmatch(rf"({POLICY_PATTERN})/({PURPOSE_PATTERN})/([^/]+)/([^/]+)", relative)
+    if match is None:
+        raise ValueError(f"not laid out as {{policy}}/{{purpose}}/{{dataset}}/{{split}}: {relative!r}")
+    policy, purpose, dataset, split = match.groups()
+    return policy, purpose, dataset, split

@@ -100,11 +100,18 @@ def read_metrics(paths: Iterable[str | os.PathLike[str]]) -> list[Metrics]:
     return [read_json(path, Metrics) for path in paths]
 
 
+def metrics_under(results: str | os.PathLike[str]) -> list[Metrics]:
+    """Every metrics.json under a results folder."""
+    paths = sorted(Path(results).glob("**/metrics.json"))
+    if not paths:
+        raise ArtifactError(f"{results}: no metrics.json found under it")
+    return read_metrics(paths)
+
+
 def summary_table(
-    metrics_paths: Iterable[str | os.PathLike[str]], train_log_paths: Iterable[str | os.PathLike[str]] = ()
+    documents: Sequence[Metrics], train_log_paths: Iterable[str | os.PathLike[str]] = ()
 ) -> pd.DataFrame:
     """arm by iteration by purpose by task set by metric, one row each."""
-    documents = read_metrics(metrics_paths)
     experiments = sorted({e for d in documents if (e := parse_policy(d.policy)[0]) is not None}) or ["base"]
     training = training_progress(train_log_paths)
     rows = [row for document in documents for row in metrics_rows(document, experiments, training)]
@@ -418,14 +425,13 @@ def summarize(
 ) -> pd.DataFrame:
     import matplotlib
 
-    from leti.io import atomic_path
+    from leti.io import write_csv
 
     matplotlib.use("Agg")
-    summary = summary_table(metrics_paths, train_log_paths)
-    with atomic_path(outputs.csv) as tmp:
-        summary.to_csv(tmp, index=False)
-    with atomic_path(outputs.comparisons) as tmp:
-        comparisons_table(read_metrics(metrics_paths)).to_csv(tmp, index=False)
+    documents = read_metrics(metrics_paths)
+    summary = summary_table(documents, train_log_paths)
+    write_csv(outputs.csv, summary)
+    write_csv(outputs.comparisons, comparisons_table(documents))
     plot_pass_at_k(summary, outputs.pass_at_k_png)
     plot_sample_efficiency(summary, outputs.sample_efficiency_png)
     plot_error_types(summary, outputs.error_types_png)
@@ -551,10 +557,8 @@ def print_summary(results: str | os.PathLike[str], console: Console) -> None:
     the outcome counts and shares, and the paired comparisons (`comparisons.csv` when the
     workflow wrote one, else computed here)."""
     root = Path(results)
-    paths = sorted(root.glob("**/metrics.json"))
-    if not paths:
-        raise ArtifactError(f"{results}: no metrics.json found under it")
-    summary = summary_table(paths, sorted(root.glob("**/train_log.jsonl")))
+    documents = metrics_under(root)
+    summary = summary_table(documents, sorted(root.glob("**/train_log.jsonl")))
     console.print(
         _rich_table(pass_at_k_table(summary), "pass@k with 95% CIs (steps: optimizer steps so far)")
     )
@@ -563,7 +567,7 @@ def print_summary(results: str | os.PathLike[str], console: Console) -> None:
     for tasks, table in share_table(summary).groupby("tasks", sort=False):
         console.print(_rich_table(table.drop(columns="tasks"), f"{tasks}: share of samples, 95% CIs"))
     saved = root / "comparisons.csv"
-    comparisons = pd.read_csv(saved) if saved.is_file() else comparisons_table(read_metrics(paths))
+    comparisons = pd.read_csv(saved) if saved.is_file() else comparisons_table(documents)
     if not comparisons.empty:
         console.print(
             _rich_table(comparison_view(comparisons), "paired comparisons: a - b on the same problems")
@@ -574,13 +578,7 @@ def compare_runs(
     results_a: str | os.PathLike[str], results_b: str | os.PathLike[str], console: Console
 ) -> pd.DataFrame:
     """The evaluations two results folders share, paired problem by problem (a - b), printed."""
-    documents = []
-    for results in (results_a, results_b):
-        paths = sorted(Path(results).glob("**/metrics.json"))
-        if not paths:
-            raise ArtifactError(f"{results}: no metrics.json found under it")
-        documents.append(read_metrics(paths))
-    table = runs_table(*documents)
+    table = runs_table(metrics_under(results_a), metrics_under(results_b))
     if table.empty:
         raise ArtifactError(f"{results_a} and {results_b} share no evaluation (policy, prefix and task set)")
     view = comparison_view(table).drop(columns="b").rename(columns={"a": "policy"})
