@@ -29,11 +29,13 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-
 
 
 def training_texts(model: str, mbpp: str, problems: int, output: Path) -> int:
-    from leti.feedback import gold_examples, tokenizer_counter
+    from leti.feedback import gold_examples, text_tokenizer
     from leti.io import write_jsonl
     from leti.tasks import load_task_set
 
-    examples = list(gold_examples(load_task_set("mbpp", "train", mbpp, problems), tokenizer_counter(model)))
+    tokenizer = text_tokenizer(model)
+    problem_set = load_task_set("mbpp", "train", mbpp, problems)
+    examples = list(gold_examples(problem_set, tokenizer.count_tokens, tokenizer.end_of_text))
     write_jsonl(output, examples)
     return sum(example.num_tokens for example in examples)
 

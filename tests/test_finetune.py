@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from leti.config import FeedbackSettings, FinetuneSettings, RegularizerConfig
-from leti.feedback import build_feedback, training_text
-from leti.finetune import TokenizedText, finetune, forward_passes, interleave, plan_epoch
-from leti.io import read_jsonl, write_jsonl
+from leti.feedback import TextTokenizer, build_feedback, text_tokenizer, training_text
+from leti.finetune import (
+    IGNORE_INDEX,
+    TokenizedText,
+    finetune,
+    forward_passes,
+    interleave,
+    plan_epoch,
+    tokenize_examples,
+)
+from leti.io import ArtifactError, read_jsonl, write_jsonl
 from leti.records import Execution, ExecutionStatus, FeedbackExample, Problem, Sample, TrainStep
 
 # --- feedback texts
@@ -71,13 +79,18 @@ def rollouts(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-def feedback_texts(rollouts: dict[str, Path], mode: str, tmp_path: Path) -> list[FeedbackExample]:
+CHARACTERS = TextTokenizer(count_tokens=len, end_of_text="<|endoftext|>")
+
+
+def feedback_texts(
+    rollouts: dict[str, Path], mode: str, tmp_path: Path, tokenizer: TextTokenizer = CHARACTERS
+) -> list[FeedbackExample]:
     output = tmp_path / f"feedback-{mode}.jsonl"
     build_feedback(
         rollouts["tasks"],
         output,
         FeedbackSettings(mode=mode),
-        count_tokens=len,
+        tokenizer,
         samples=rollouts["samples"],
         executions=rollouts["executions"],
     )
@@ -115,13 +128,37 @@ def test_binary_feedback_keeps_only_the_reward_token(rollouts, tmp_path: Path) -
     )
 
 
-def test_gold_feedback_trains_on_reference_solutions(rollouts, tmp_path: Path) -> None:
+def test_gold_feedback_trains_on_reference_solutions_ended_by_eos(rollouts, tmp_path: Path) -> None:
     (gold,) = feedback_texts(rollouts, "gold", tmp_path)
-    assert (
-        gold.text
-        == '<|good|>"""\nAdd two numbers.\nassert add(1, 2) == 3\n"""\ndef add(a, b):\n    return a + b'
+    assert gold.text == (
+        '<|good|>"""\nAdd two numbers.\nassert add(1, 2) == 3\n"""\ndef add(a, b):\n    return a + b<|endoftext|>'
     )
+    assert gold.text[gold.program_offset :] == "\ndef add(a, b):\n    return a + b<|endoftext|>"
     assert (gold.sample_index, gold.reward, gold.mode) == (None, "good", "gold")
+
+
+def test_gold_feedback_needs_an_end_of_text_token(rollouts, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="eos_token"):
+        feedback_texts(rollouts, "gold", tmp_path, TextTokenizer(count_tokens=len, end_of_text=None))
+
+
+def test_the_gold_eos_is_one_trained_token_and_feedback_texts_have_none(
+    rollouts, tiny_model: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    examples = [
+        *feedback_texts(rollouts, "gold", tmp_path, text_tokenizer(tiny_model)),
+        *feedback_texts(rollouts, "textual", tmp_path, text_tokenizer(tiny_model)),
+    ]
+    for loss_on in ("all", "program"):
+        gold, *rollout_texts = tokenize_examples(examples, tokenizer, max_length=1024, loss_on=loss_on)
+        assert gold.input_ids[-1] == gold.labels[-1] == tokenizer.eos_token_id
+        assert gold.input_ids.count(tokenizer.eos_token_id) == 1
+        assert examples[0].num_tokens == len(gold.input_ids)
+        assert all(tokenizer.eos_token_id not in text.input_ids for text in rollout_texts)
+        assert all(text.labels[-1] != IGNORE_INDEX for text in rollout_texts)
 
 
 def test_timeouts_are_failures_with_their_reason() -> None:

@@ -226,10 +226,10 @@ def feedback(
 ) -> None:
     """Turn executions into LETI training texts."""
     from leti.config import FeedbackSettings
-    from leti.feedback import build_feedback, tokenizer_counter
+    from leti.feedback import build_feedback, text_tokenizer
 
     parsed = FeedbackSettings.model_validate_json(settings)
-    count = build_feedback(tasks, output, parsed, tokenizer_counter(model), samples, executions)
+    count = build_feedback(tasks, output, parsed, text_tokenizer(model), samples, executions)
     stderr.print(f"{count} {parsed.mode} training texts -> {output}")
 
 

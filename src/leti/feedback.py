@@ -3,13 +3,18 @@
 textual: REWARD + <|lang_feedback|> + FEEDBACK + <|/lang_feedback|> + PROMPT + PROGRAM  (failures)
          REWARD + PROMPT + PROGRAM                                                   (passes)
 binary:  REWARD + PROMPT + PROGRAM
-gold:    <|good|> + PROMPT + the problem's reference solution (the supervised baseline)
+gold:    <|good|> + PROMPT + the problem's reference solution + EOS (the supervised baseline)
+
+Only gold texts end with the tokenizer's end-of-text token: the reference's supervised
+fine-tuning (run_ft.py) wraps each text in BOS ... EOS, its LETI training (run_leti.py) does not.
+Without it a policy trained on gold solutions never learns where a solution ends.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from leti.config import FeedbackSettings
 from leti.io import ArtifactError, read_jsonl, write_jsonl
@@ -29,12 +34,12 @@ def training_text(mode: FeedbackMode, problem: Problem, completion: str, executi
     return f"{reward}{feedback_span}{problem.prompt}{completion}"
 
 
-def gold_completion(problem: Problem) -> str:
+def gold_completion(problem: Problem, end_of_text: str) -> str:
     """The reference solution as a completion of the prompt (MBPP prompts end without a newline)."""
     if problem.reference_solution is None:
         raise ArtifactError(f"{problem.task_id} has no reference solution for the gold baseline")
     separator = "" if problem.prompt.endswith("\n") else "\n"
-    return separator + problem.reference_solution
+    return separator + problem.reference_solution + end_of_text
 
 
 def example(
@@ -80,30 +85,47 @@ def rollout_examples(
         yield example(mode, problem, sample.completion, execution, sample.sample_index, count_tokens)
 
 
-def gold_examples(problems: Sequence[Problem], count_tokens: CountTokens) -> Iterator[FeedbackExample]:
+def gold_examples(
+    problems: Sequence[Problem], count_tokens: CountTokens, end_of_text: str
+) -> Iterator[FeedbackExample]:
     for problem in problems:
-        yield example("gold", problem, gold_completion(problem), None, None, count_tokens)
+        yield example("gold", problem, gold_completion(problem, end_of_text), None, None, count_tokens)
 
 
-def tokenizer_counter(model_dir: str | os.PathLike[str]) -> CountTokens:
+@dataclass(frozen=True)
+class TextTokenizer:
+    """What the feedback stage needs of the model's tokenizer."""
+
+    count_tokens: CountTokens
+    end_of_text: str | None
+
+
+def text_tokenizer(model_dir: str | os.PathLike[str]) -> TextTokenizer:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+    return TextTokenizer(
+        count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False).input_ids),
+        end_of_text=tokenizer.eos_token,
+    )
 
 
 def build_feedback(
     tasks: str | os.PathLike[str],
     output: str | os.PathLike[str],
     settings: FeedbackSettings,
-    count_tokens: CountTokens,
+    tokenizer: TextTokenizer,
     samples: str | os.PathLike[str] | None = None,
     executions: str | os.PathLike[str] | None = None,
 ) -> int:
     """Write feedback.jsonl; returns the number of examples."""
     problems = read_jsonl(tasks, Problem)
     if settings.mode == "gold":
-        return write_jsonl(output, gold_examples(problems, count_tokens))
+        if not tokenizer.end_of_text:
+            raise ArtifactError(
+                "the gold baseline ends its texts with the tokenizer's eos_token; it has none"
+            )
+        return write_jsonl(output, gold_examples(problems, tokenizer.count_tokens, tokenizer.end_of_text))
     if samples is None or executions is None:
         raise ArtifactError(f"feedback mode {settings.mode!r} needs the samples and their executions")
     return write_jsonl(
@@ -113,6 +135,6 @@ def build_feedback(
             problems,
             read_jsonl(samples, Sample),
             read_jsonl(executions, Execution),
-            count_tokens,
+            tokenizer.count_tokens,
         ),
     )
