@@ -11,11 +11,11 @@ from leti.comparisons import COMPARISON_COLUMNS
 from leti.config import MetricsSettings
 from leti.evaluate import compute_metrics
 from leti.io import write_json, write_jsonl
+from leti.plots import error_types_figure
 from leti.records import Execution, ExecutionStatus, FeedbackExample, Metrics, Problem, Sample, TrainStep
 from leti.report import (
     SUMMARY_COLUMNS,
     SummaryOutputs,
-    error_types_figure,
     outcome_table,
     pass_at_k_table,
     read_metrics,
