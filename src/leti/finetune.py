@@ -346,6 +346,28 @@ def restore_random_state(state: dict) -> None:
 StepCallback = Callable[[TrainStep], None]
 
 
+def accumulate_gradients(
+    model, accelerator, batches: Sequence[Sequence[TokenizedText]], forward_tokens: int, pad_id: int
+) -> tuple[float, int]:
+    """Forward and backward over this process's batches of one optimizer step: (mean loss, tokens)."""
+    step_loss, step_tokens = 0.0, 0
+    for position, sequences in enumerate(batches):
+        labelled = sum(predicted_tokens(sequence) for sequence in sequences)
+        passes = forward_passes(sequences, forward_tokens)
+        for pass_index, part in enumerate(passes):
+            batch = {k: v.to(accelerator.device) for k, v in collate(part, pad_id).items()}
+            # Gradients are averaged across processes once per step, on the last pass.
+            last = position == len(batches) - 1 and pass_index == len(passes) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                # A sum over the pass's tokens divided by the whole batch's: the passes
+                # add up to the batch's mean loss, whatever the split.
+                loss = model(**batch, num_items_in_batch=labelled).loss
+                accelerator.backward(loss / len(batches))
+            step_loss += loss.item() / len(batches)
+            step_tokens += int(batch["attention_mask"].sum())
+    return step_loss, step_tokens
+
+
 def finetune(
     model_dir: str | os.PathLike[str],
     feedback_path: str | os.PathLike[str],
@@ -433,24 +455,12 @@ def finetune(
         for start in step_starts[len(log) :]:
             started = time.perf_counter()
             group = range(start, min(start + per_step, plan.total_batches))
-            mine = list(group)[accelerator.process_index :: accelerator.num_processes]
-            step_loss, step_tokens = 0.0, 0
-            for position, batch_index in enumerate(mine):
-                sequences = plan.batches[batch_index]
-                labelled = sum(predicted_tokens(sequence) for sequence in sequences)
-                passes = forward_passes(sequences, settings.forward_tokens)
-                for pass_index, part in enumerate(passes):
-                    batch = {k: v.to(accelerator.device) for k, v in collate(part, pad_id).items()}
-                    # Gradients are averaged across processes once per step, on the last pass.
-                    last = position == len(mine) - 1 and pass_index == len(passes) - 1
-                    sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-                    with sync:
-                        # A sum over the pass's tokens divided by the whole batch's: the passes
-                        # add up to the batch's mean loss, whatever the split.
-                        loss = model(**batch, num_items_in_batch=labelled).loss
-                        accelerator.backward(loss / len(mine))
-                    step_loss += loss.item() / len(mine)
-                    step_tokens += int(batch["attention_mask"].sum())
+            mine = [plan.batches[index] for index in group][
+                accelerator.process_index :: accelerator.num_processes
+            ]
+            step_loss, step_tokens = accumulate_gradients(
+                model, accelerator, mine, settings.forward_tokens, pad_id
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
