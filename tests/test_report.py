@@ -16,6 +16,7 @@ from leti.records import Execution, ExecutionStatus, FeedbackExample, Metrics, P
 from leti.report import (
     SUMMARY_COLUMNS,
     SummaryOutputs,
+    markdown_table,
     outcome_table,
     pass_at_k_table,
     read_metrics,
@@ -206,6 +207,28 @@ def test_summary_command_prints_the_table(results: Path) -> None:
     assert "paired comparisons" in shown.stdout and "mcnemar-exact" in shown.stdout
 
 
+def test_summary_prints_markdown_tables(results: Path) -> None:
+    shown = leti("summary", str(results), "--markdown")
+    assert shown.returncode == 0, shown.stderr
+    blocks = shown.stdout.split("**pass@k with 95% CIs (steps: optimizer steps so far)**\n\n")
+    assert len(blocks) == 2
+    header, rule, *rows = blocks[1].split("\n\n")[0].splitlines()
+    columns = header.count("|") - 1
+    assert rule == "|" + "---|" * columns
+    assert all(row.count("|") == columns + 1 for row in rows)
+    assert "| textual | 1 | good | 2 | 0.400 [0.100, 0.700] |" in rows and len(rows) == 4
+    assert "**paired comparisons: a - b on the same problems**" in shown.stdout
+
+
+def test_markdown_cells_escape_the_column_bar() -> None:
+    frame = pd.DataFrame({"token": ["<|good|>"], "value": [0.5]})
+    assert markdown_table(frame, "t").splitlines()[2:] == [
+        "| token | value |",
+        "|---|---|",
+        "| <\\|good\\|> | 0.500 |",
+    ]
+
+
 def test_compare_pairs_the_evaluations_two_runs_share(results: Path, tmp_path: Path) -> None:
     departure = tmp_path / "departure"
     write_json(eval_path(departure, "base"), metrics("base", 0, 0.3))
@@ -268,6 +291,8 @@ def test_timings_sum_the_benchmark_files_by_rule(tmp_path: Path) -> None:
     shown = leti("timings", str(root))
     assert shown.returncode == 0, shown.stderr
     assert "finetune" in shown.stdout and "4 jobs, 7.5 min" in shown.stdout
+    markdown = leti("timings", str(root), "--markdown").stdout.splitlines()
+    assert markdown[0] == "**jobs by rule**" and "| finetune | 2 | 350 | 200 | 4500 |" in markdown
 
 
 def test_timings_name_a_file_that_is_no_benchmark(tmp_path: Path) -> None:

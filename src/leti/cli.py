@@ -30,16 +30,19 @@ app.add_typer(sandbox_app, name="sandbox")
 stderr = Console(stderr=True, soft_wrap=True)
 
 
-def table_console() -> Console:
+def table_output(markdown: bool = False):
     """Tables at their full width when written to a file or pipe (rich would fit them to 80
     columns and cut the names)."""
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    from leti.report import TableOutput
+
+    return TableOutput(Console() if sys.stdout.isatty() else Console(width=200), markdown)
 
 
 InputFile = Annotated[Path, typer.Option(exists=True, dir_okay=False, readable=True)]
 OutputPath = Annotated[Path, typer.Option()]
 Settings = Annotated[str, typer.Option(help="The stage's config section as JSON (the rule passes it).")]
 Threads = Annotated[int, typer.Option(min=1, help="CPU threads to use.")]
+Markdown = Annotated[bool, typer.Option("--markdown", help="Print the tables as Markdown.")]
 
 
 @tasks_app.command("prepare")
@@ -307,11 +310,14 @@ def summarize(
 
 
 @app.command()
-def summary(results: Annotated[Path, typer.Argument(exists=True, file_okay=False)] = Path("results")) -> None:
+def summary(
+    results: Annotated[Path, typer.Argument(exists=True, file_okay=False)] = Path("results"),
+    markdown: Markdown = False,
+) -> None:
     """Print the arm-by-iteration pass@k and outcome tables of the metrics under RESULTS."""
     from leti.report import print_summary
 
-    print_summary(results, table_console())
+    print_summary(results, table_output(markdown))
 
 
 @app.command()
@@ -321,13 +327,14 @@ def compare(
     output: Annotated[
         Path | None, typer.Option(help="Also write the rows as CSV (comparisons.csv's columns).")
     ] = None,
+    markdown: Markdown = False,
 ) -> None:
     """Pair the evaluations two runs share (say a departure against the faithful setting), problem by
     problem: a - b with its 95% paired-bootstrap CI and p-value."""
     from leti.io import write_csv
     from leti.report import compare_runs
 
-    table = compare_runs(results_a, results_b, table_console())
+    table = compare_runs(results_a, results_b, table_output(markdown))
     if output is not None:
         write_csv(output, table)
 
@@ -339,20 +346,17 @@ def diagnose(
         "resources/tasks"
     ),
     output: Annotated[Path | None, typer.Option(help="Also write the rows as CSV.")] = None,
+    markdown: Markdown = False,
 ) -> None:
     """Text features of every samples set under RESULTS, with 95% CIs: own test code, length cuts,
     SyntaxErrors, Markdown fences, mean completion tokens."""
     from leti.diagnose import diagnosis_table, diagnosis_view
     from leti.io import write_csv
-    from leti.report import print_frame
 
     table = diagnosis_table(results, tasks)
+    tables = table_output(markdown)
     for (dataset, split), view in diagnosis_view(table).groupby(["dataset", "split"], sort=False):
-        print_frame(
-            view.drop(columns=["dataset", "split"]),
-            f"{dataset}/{split}: share of samples [95% CI]",
-            table_console(),
-        )
+        tables.table(view.drop(columns=["dataset", "split"]), f"{dataset}/{split}: share of samples [95% CI]")
     if output is not None:
         write_csv(output, table)
 
@@ -360,11 +364,12 @@ def diagnose(
 @app.command()
 def timings(
     benchmarks: Annotated[Path, typer.Argument(exists=True, file_okay=False)] = Path("benchmarks"),
+    markdown: Markdown = False,
 ) -> None:
     """Per-rule wall times and peak memory, from Snakemake's benchmark files under BENCHMARKS."""
     from leti.report import print_timings
 
-    print_timings(benchmarks, table_console())
+    print_timings(benchmarks, table_output(markdown))
 
 
 @app.command()

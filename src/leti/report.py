@@ -407,30 +407,26 @@ def _print_metrics(metrics: Metrics, console: Console) -> None:
     _print_counts(pd.Series(metrics.error_types), "outcome", console)
 
 
-def print_summary(results: str | os.PathLike[str], console: Console) -> None:
+def print_summary(results: str | os.PathLike[str], output: TableOutput) -> None:
     """Every metrics.json under `results`: pass@k with CIs by arm, iteration and reward prefix,
     the outcome counts and shares, and the paired comparisons (`comparisons.csv` when the
     workflow wrote one, else computed here)."""
     root = Path(results)
     documents = metrics_under(root)
     summary = summary_table(documents, sorted(root.glob("**/train_log.jsonl")))
-    console.print(
-        _rich_table(pass_at_k_table(summary), "pass@k with 95% CIs (steps: optimizer steps so far)")
-    )
+    output.table(pass_at_k_table(summary), "pass@k with 95% CIs (steps: optimizer steps so far)")
     for tasks, table in outcome_table(summary).groupby("tasks", sort=False):
-        console.print(_rich_table(table.drop(columns="tasks"), f"{tasks}: samples by outcome"))
+        output.table(table.drop(columns="tasks"), f"{tasks}: samples by outcome")
     for tasks, table in share_table(summary).groupby("tasks", sort=False):
-        console.print(_rich_table(table.drop(columns="tasks"), f"{tasks}: share of samples, 95% CIs"))
+        output.table(table.drop(columns="tasks"), f"{tasks}: share of samples, 95% CIs")
     saved = root / "comparisons.csv"
     comparisons = pd.read_csv(saved) if saved.is_file() else comparisons_table(documents)
     if not comparisons.empty:
-        console.print(
-            _rich_table(comparison_view(comparisons), "paired comparisons: a - b on the same problems")
-        )
+        output.table(comparison_view(comparisons), "paired comparisons: a - b on the same problems")
 
 
 def compare_runs(
-    results_a: str | os.PathLike[str], results_b: str | os.PathLike[str], console: Console
+    results_a: str | os.PathLike[str], results_b: str | os.PathLike[str], output: TableOutput
 ) -> pd.DataFrame:
     """The evaluations two results folders share, paired problem by problem (a - b), printed."""
     table = runs_table(metrics_under(results_a), metrics_under(results_b))
@@ -439,7 +435,7 @@ def compare_runs(
     view = comparison_view(table).drop(columns="b").rename(columns={"a": "policy"})
     view.insert(3, "a", table["value_a"].map("{:.3f}".format))
     view.insert(4, "b", table["value_b"].map("{:.3f}".format))
-    console.print(_rich_table(view, f"a - b on the same problems; a: {results_a}, b: {results_b}"))
+    output.table(view, f"a - b on the same problems; a: {results_a}, b: {results_b}")
     return table
 
 
@@ -466,23 +462,48 @@ def comparison_view(comparisons: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def print_timings(benchmarks: str | os.PathLike[str], console: Console) -> None:
+def print_timings(benchmarks: str | os.PathLike[str], output: TableOutput) -> None:
     """Per-rule wall times and peak memory of the jobs benchmarked under `benchmarks`."""
     rules = rule_times(timing_table(benchmarks))
-    console.print(_rich_table(rules, "jobs by rule", float_format="{:.0f}"))
-    console.print(
-        f"{rules['jobs'].sum()} jobs, {rules['seconds'].sum() / 60:.1f} min of job wall time in all"
-    )
+    output.table(rules, "jobs by rule", float_format="{:.0f}")
+    output.line(f"{rules['jobs'].sum()} jobs, {rules['seconds'].sum() / 60:.1f} min of job wall time in all")
 
 
-def print_frame(frame: pd.DataFrame, title: str, console: Console) -> None:
-    console.print(_rich_table(frame, title))
+@dataclass(frozen=True)
+class TableOutput:
+    """Where the commands' tables go: a rich console, or Markdown text to paste into notes."""
+
+    console: Console
+    markdown: bool = False
+
+    def table(self, frame: pd.DataFrame, title: str, float_format: str = "{:.3f}") -> None:
+        if self.markdown:
+            # out(), not print(): Markdown's [ ] and | are not rich markup.
+            self.console.out(markdown_table(frame, title, float_format), highlight=False)
+        else:
+            self.console.print(_rich_table(frame, title, float_format))
+
+    def line(self, text: str) -> None:
+        self.console.out(text, highlight=False)
+
+
+def markdown_table(frame: pd.DataFrame, title: str, float_format: str = "{:.3f}") -> str:
+    """A GitHub-flavoured Markdown table under its title in bold."""
+
+    def row(values) -> str:
+        return "| " + " | ".join(_cell(value, float_format).replace("|", "\\|") for value in values) + " |"
+
+    lines = [f"**{title}**", "", row(frame.columns), "|" + "---|" * len(frame.columns)]
+    lines += [row(values) for values in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def _rich_table(frame: pd.DataFrame, title: str, float_format: str = "{:.3f}") -> Table:
     view = Table(*[str(column) for column in frame.columns], title=title)
     for row in frame.itertuples(index=False):
-        view.add_row(
-            *[float_format.format(value) if isinstance(value, float) else str(value) for value in row]
-        )
+        view.add_row(*[_cell(value, float_format) for value in row])
     return view
+
+
+def _cell(value, float_format: str) -> str:
+    return float_format.format(value) if isinstance(value, float) else str(value)
