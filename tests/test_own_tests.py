@@ -61,7 +61,26 @@ def test_a_statement_sharing_the_prompts_last_line_is_not_touched() -> None:
     assert strip_own_tests("x = 1", "; check()\n") == "; check()\n"
 
 
-def test_a_program_that_does_not_parse_is_left_alone() -> None:
+def test_a_program_that_does_not_parse_is_left_alone_but_its_own_tests_are_found() -> None:
     completion = SOLUTION + "\ndef check(:\n    pass\ncheck()\n"
-    assert not has_own_tests(MBPP_PROMPT, completion)
     assert strip_own_tests(MBPP_PROMPT, completion) == completion
+    assert has_own_tests(MBPP_PROMPT, completion)
+
+
+@pytest.mark.parametrize(
+    ("tail", "found"),
+    [
+        # The instruct model's usual ending: its check, a fence, then prose (a SyntaxError).
+        (
+            "\ndef check():\n    assert square_perimeter(15)==45\n\ncheck()\n```\n\nThis code defines `f`.",
+            True,
+        ),
+        ("\ndef test_it():\n    assert square_perimeter(1) == 4\n```\nDone.", True),
+        ('\nif __name__ == "__main__":\n    main(\n```', True),
+        ("\ndef check(n):\n    return n\n```\nThis code checks (n) values.", False),
+        ("\n```\n\nThis code defines a function `square_perimeter(a)` that returns 4 * a.", False),
+        ("\n    x = check()\n```", False),
+    ],
+)
+def test_own_tests_are_found_by_their_first_lines_when_nothing_parses(tail: str, found: bool) -> None:
+    assert has_own_tests(MBPP_PROMPT, SOLUTION + tail) is found

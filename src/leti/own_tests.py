@@ -13,11 +13,25 @@ Own test code is, at the top level of the completion: a bare expression statemen
 `check()`; a string literal is kept), a function without parameters named `check` or `test...`,
 and an `if __name__ == "__main__":` block. Everything else (imports, helpers, classes,
 assignments) stays.
+
+A program that does not parse (prose after a Markdown fence, a cut at max_new_tokens) is never
+stripped, but `has_own_tests` still finds its own tests by their first lines, so that a diagnosis
+counts them where they are most common.
 """
 
 from __future__ import annotations
 
 import ast
+import re
+
+# The first line of an own test statement, at the top level.
+_OWN_TEST_START = re.compile(
+    r"""(async\s+)?def\s+(check|test\w*)\s*\(\s*\)   # a parameterless check() or test...()
+      | if\s+__name__\s*==\s*['"]__main__['"]         # the main guard
+      | [A-Za-z_][\w.]*\(.*\)\s*(\#.*)?$                # a bare call such as check()
+    """,
+    re.VERBOSE,
+)
 
 
 def _is_main_guard(node: ast.stmt) -> bool:
@@ -65,6 +79,11 @@ def own_test_lines(prompt: str, completion: str) -> list[tuple[int, int]]:
 
 
 def has_own_tests(prompt: str, completion: str) -> bool:
+    """Own test statements in `completion`; in one that does not parse, a top-level line starting one."""
+    try:
+        ast.parse(prompt + completion)
+    except (SyntaxError, ValueError):
+        return any(_OWN_TEST_START.match(line) for line in completion.split("\n")[1:])
     return bool(own_test_lines(prompt, completion))
 
 
