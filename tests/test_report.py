@@ -176,6 +176,33 @@ def test_good_and_bad_prefixes_are_compared_per_policy(results: Path, tmp_path: 
     assert "textual/iter1 <bad>" in outcome_table(summary).columns
 
 
+def test_a_policy_not_evaluated_on_a_task_set_is_no_column_of_zeros(results: Path) -> None:
+    # <|bad|> on MBPP only; HumanEval for the base model and textual <good> only.
+    write_json(eval_path(results, "textual/iter1", "bad"), metrics("textual/iter1", 1, 0.1, prefix="bad"))
+    base = metrics("base", 0, 0.5, "humaneval").model_copy(
+        update={"error_types": {"passed": 5, "NameError": 1, "AssertionError": 4}}
+    )
+    write_json(eval_path(results, "base", dataset="humaneval"), base)
+    write_json(
+        eval_path(results, "textual/iter1", dataset="humaneval"),
+        metrics("textual/iter1", 1, 0.5, "humaneval"),
+    )
+    table = outcome_table(summary_table(read_metrics(sorted(results.glob("**/metrics.json")))))
+    by_tasks = table.set_index(["tasks", "outcome"])
+    assert by_tasks.loc["humaneval/test", "textual/iter1 <bad>"].isna().all()
+    assert by_tasks.loc["humaneval/test", "binary/iter1 <good>"].isna().all()
+    assert by_tasks.loc[("mbpp/test", "passed"), "textual/iter1 <bad>"] == 1
+    # An outcome the evaluation never had is a count of 0, not a blank.
+    assert by_tasks.loc[("humaneval/test", "NameError"), "textual/iter1 <good>"] == 0
+
+    shown = leti("summary", str(results), "--markdown").stdout
+    humaneval = shown.split("**humaneval/test: samples by outcome**")[1].split("**")[0]
+    assert "<bad>" not in humaneval and "binary" not in humaneval
+    assert "| NameError | 1 | 0 |" in humaneval
+    shares = shown.split("**humaneval/test: share of samples, 95% CIs**")[1].split("**")[0]
+    assert "nan" not in shares and "<bad>" not in shares and "textual/iter1 <good>" in shares
+
+
 def test_an_outcome_has_one_colour_in_every_panel(results: Path) -> None:
     # binary/iter1 gains a NameError that no other policy has: the panels' outcomes differ.
     document = metrics("binary/iter1", 1, 0.2).model_copy(

@@ -179,9 +179,11 @@ def outcome_table(summary: pd.DataFrame) -> pd.DataFrame:
     # The base model's rows are repeated for every arm; count them once.
     outcomes = labelled(outcome_rows(summary)).drop_duplicates(["label", "dataset", "split", "metric"])
     outcomes = outcomes.assign(tasks=outcomes["dataset"] + "/" + outcomes["split"])
-    table = outcomes.pivot_table(
-        index=["tasks", "outcome"], columns="label", values="value", fill_value=0
-    ).astype(int)
+    table = outcomes.pivot_table(index=["tasks", "outcome"], columns="label", values="value")
+    # An outcome an evaluation never had counts 0; a policy not evaluated on a task set stays empty.
+    for tasks, labels in outcomes.groupby("tasks")["label"].agg(lambda labels: sorted(set(labels))).items():
+        table.loc[tasks, labels] = table.loc[tasks, labels].fillna(0).to_numpy()
+    table = table.astype("Int64")
     policies = sorted(table.columns, key=_label_order)
     table = table[policies].reset_index().rename_axis(columns=None)
     # passed first, then the errors from the most common down.
@@ -415,10 +417,13 @@ def print_summary(results: str | os.PathLike[str], output: TableOutput) -> None:
     documents = metrics_under(root)
     summary = summary_table(documents, sorted(root.glob("**/train_log.jsonl")))
     output.table(pass_at_k_table(summary), "pass@k with 95% CIs (steps: optimizer steps so far)")
+    # A task set's tables show the policies evaluated on it.
     for tasks, table in outcome_table(summary).groupby("tasks", sort=False):
-        output.table(table.drop(columns="tasks"), f"{tasks}: samples by outcome")
+        output.table(table.drop(columns="tasks").dropna(axis=1, how="all"), f"{tasks}: samples by outcome")
     for tasks, table in share_table(summary).groupby("tasks", sort=False):
-        output.table(table.drop(columns="tasks"), f"{tasks}: share of samples, 95% CIs")
+        output.table(
+            table.drop(columns="tasks").dropna(axis=1, how="all"), f"{tasks}: share of samples, 95% CIs"
+        )
     saved = root / "comparisons.csv"
     comparisons = pd.read_csv(saved) if saved.is_file() else comparisons_table(documents)
     if not comparisons.empty:
