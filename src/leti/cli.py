@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from leti.errors import LetiError
+
+if TYPE_CHECKING:
+    from leti.report import TableOutput
 
 app = typer.Typer(
     help="LETI: learn to write code from execution feedback. Each command is one pipeline stage.",
@@ -30,7 +33,7 @@ app.add_typer(sandbox_app, name="sandbox")
 stderr = Console(stderr=True, soft_wrap=True)
 
 
-def table_output(markdown: bool = False):
+def table_output(markdown: bool = False) -> TableOutput:
     """Tables at their full width when written to a file or pipe (rich would fit them to 80
     columns and cut the names)."""
     from leti.report import TableOutput

@@ -65,10 +65,26 @@ def own_test_lines(prompt: str, completion: str) -> list[tuple[int, int]]:
 
     Only statements that begin on a line of their own in the completion count; none when
     prompt + completion does not parse (the program fails with a SyntaxError either way)."""
+    module = _parsed(prompt + completion)
+    return [] if module is None else _own_test_spans(module, prompt)
+
+
+def has_own_tests(prompt: str, completion: str) -> bool:
+    """Own test statements in `completion`; in one that does not parse, a top-level line starting one."""
+    module = _parsed(prompt + completion)
+    if module is None:
+        return any(_OWN_TEST_START.match(line) for line in completion.split("\n")[1:])
+    return bool(_own_test_spans(module, prompt))
+
+
+def _parsed(program: str) -> ast.Module | None:
     try:
-        module = ast.parse(prompt + completion)
+        return ast.parse(program)
     except (SyntaxError, ValueError):
-        return []
+        return None
+
+
+def _own_test_spans(module: ast.Module, prompt: str) -> list[tuple[int, int]]:
     prompt_newlines = prompt.count("\n")
     spans = []
     for node in module.body:
@@ -76,15 +92,6 @@ def own_test_lines(prompt: str, completion: str) -> list[tuple[int, int]]:
         if first >= 1 and _is_own_test(node):
             spans.append((first, (node.end_lineno or node.lineno) - 1 - prompt_newlines))
     return spans
-
-
-def has_own_tests(prompt: str, completion: str) -> bool:
-    """Own test statements in `completion`; in one that does not parse, a top-level line starting one."""
-    try:
-        ast.parse(prompt + completion)
-    except (SyntaxError, ValueError):
-        return any(_OWN_TEST_START.match(line) for line in completion.split("\n")[1:])
-    return bool(own_test_lines(prompt, completion))
 
 
 def strip_own_tests(prompt: str, completion: str) -> str:
