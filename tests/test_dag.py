@@ -182,7 +182,6 @@ def test_the_study_config_plans_three_arms_and_the_reward_contrast(workdir: Path
     [
         ("study.yaml", {"mbpp/train": "64", "mbpp/test": None, "humaneval/test": None}),
         ("paper.yaml", {"mbpp/train": None, "mbpp/test": None, "humaneval/test": None}),
-        ("regularizer.yaml", {"mbpp/train": "16", "mbpp/validation": None}),
         ("strip-own-tests.yaml", {"mbpp/train": "16", "mbpp/validation": None}),
     ],
 )
@@ -233,16 +232,32 @@ def test_an_arm_with_its_own_finetune_keys_trains_on_the_shared_base_rollouts(wo
     }
 
 
-def test_the_regulariser_config_is_an_arm_against_arm_comparison_on_validation(workdir: Path) -> None:
+def test_the_regulariser_config_compares_arms_on_held_out_problems(workdir: Path, mbpp_path: Path) -> None:
     from conftest import REPO
 
+    from leti.io import write_jsonl
+    from leti.tasks import mbpp_heldout
+
+    write_jsonl(workdir / "data" / "mbpp-heldout.jsonl", mbpp_heldout(mbpp_path, rollout_problems=64))
     configfile = str(REPO / "configs" / "regularizer.yaml")
     jobs = planned_jobs(workdir, "--configfile", configfile)
-    assert Counter(job.rule for job in jobs)["finetune"] == 4
+    assert Counter(job.rule for job in jobs)["finetune"] == 2
     outputs = {output for job in jobs for output in job.outputs}
     assert {o for o in outputs if o.endswith("metrics.json") and "/eval-" in o} == {
-        f"results/{policy}/{purpose}/mbpp/validation/metrics.json"
-        for policy, purpose in [("base", "eval-none")]
-        + [(f"{arm}/iter{i}", "eval-good") for arm in ("textual", "textual-regularised") for i in (1, 2)]
+        "results/base/eval-none/heldout/validation/metrics.json",
+        "results/textual/iter1/eval-good/heldout/validation/metrics.json",
+        "results/textual-regularised/iter1/eval-good/heldout/validation/metrics.json",
     }
+    prepare = [job for job in jobs if job.rule == "prepare_tasks"]
+    assert {o for job in prepare for o in job.outputs} == {
+        "resources/tasks/mbpp/train.jsonl",
+        "resources/tasks/heldout/validation.jsonl",
+    }
+    plan = run_snakemake(workdir, "--dry-run", "--printshellcmds", "--cores", "2", "--configfile", configfile)
+    prepare_commands = [line.split() for line in plan.stdout.splitlines() if "leti tasks prepare" in line]
+    limits = {
+        words[words.index("--split") + 1]: words[words.index("--limit") + 1] if "--limit" in words else None
+        for words in prepare_commands
+    }
+    assert limits == {"train": "64", "validation": None}
     assert run_snakemake(workdir, "--lint", "--configfile", configfile).returncode == 0

