@@ -191,7 +191,8 @@ def rollout_artifacts(wildcards):
 
 
 def feedback_settings(wildcards):
-    return FeedbackSettings(mode=LETI.experiments[wildcards.experiment].feedback).model_dump_json()
+    experiment = LETI.experiments[wildcards.experiment]
+    return FeedbackSettings(mode=experiment.feedback, train_on=experiment.train_on).as_param()
 
 
 def previous_adapter(wildcards):

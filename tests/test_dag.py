@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -182,7 +183,6 @@ def test_the_study_config_plans_three_arms_and_the_reward_contrast(workdir: Path
     [
         ("study.yaml", {"mbpp/train": "64", "mbpp/test": None, "humaneval/test": None}),
         ("paper.yaml", {"mbpp/train": None, "mbpp/test": None, "humaneval/test": None}),
-        ("strip-own-tests.yaml", {"mbpp/train": "16", "mbpp/validation": None}),
     ],
 )
 def test_a_config_file_merged_into_config_yaml_keeps_its_own_problem_limits(
@@ -232,27 +232,55 @@ def test_an_arm_with_its_own_finetune_keys_trains_on_the_shared_base_rollouts(wo
     }
 
 
-def test_the_regulariser_config_compares_arms_on_held_out_problems(workdir: Path, mbpp_path: Path) -> None:
+def test_an_arm_training_on_passing_rollouts_only_says_so_and_the_others_keep_their_settings(
+    workdir: Path,
+) -> None:
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["experiments"]["passed-only"] = {"feedback": "textual", "train_on": "passed"}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    plan = run_snakemake(workdir, "--dry-run", "--printshellcmds", "--cores", "2").stdout
+    prefix = "Shell command: leti feedback "
+    commands = [line.removeprefix(prefix) for line in plan.splitlines() if line.startswith(prefix)]
+    settings = {
+        command.split("--output ")[1].split()[0]: json.loads(
+            command.split("--settings ")[1].split(" > ")[0].strip("'")
+        )
+        for command in commands
+    }
+    assert settings == {
+        f"results/{arm}/iter{iteration}/feedback.jsonl": {"mode": mode, **extra}
+        for arm, mode, extra in [
+            ("textual", "textual", {}),
+            ("binary", "binary", {}),
+            ("passed-only", "textual", {"train_on": "passed"}),
+        ]
+        for iteration in (1, 2)
+    }
+
+
+@pytest.mark.parametrize(
+    ("config_file", "arms"),
+    [
+        ("heldout.yaml", ["textual", "textual-regularised", "textual-passed-only"]),
+        ("strip-own-tests.yaml", ["textual"]),
+    ],
+)
+def test_the_held_out_configs_train_one_iteration_and_evaluate_on_held_out_problems(
+    workdir: Path, mbpp_path: Path, config_file: str, arms: list[str]
+) -> None:
     from conftest import REPO
 
     from leti.io import write_jsonl
     from leti.tasks import mbpp_heldout
 
     write_jsonl(workdir / "data" / "mbpp-heldout.jsonl", mbpp_heldout(mbpp_path, rollout_problems=64))
-    configfile = str(REPO / "configs" / "regularizer.yaml")
+    configfile = str(REPO / "configs" / config_file)
     jobs = planned_jobs(workdir, "--configfile", configfile)
-    assert Counter(job.rule for job in jobs)["finetune"] == 2
+    assert Counter(job.rule for job in jobs)["finetune"] == len(arms)
     outputs = {output for job in jobs for output in job.outputs}
     assert {o for o in outputs if o.endswith("metrics.json") and "/eval-" in o} == {
-        "results/base/eval-none/heldout/validation/metrics.json",
-        "results/textual/iter1/eval-good/heldout/validation/metrics.json",
-        "results/textual-regularised/iter1/eval-good/heldout/validation/metrics.json",
-    }
-    prepare = [job for job in jobs if job.rule == "prepare_tasks"]
-    assert {o for job in prepare for o in job.outputs} == {
-        "resources/tasks/mbpp/train.jsonl",
-        "resources/tasks/heldout/validation.jsonl",
-    }
+        "results/base/eval-none/heldout/validation/metrics.json"
+    } | {f"results/{arm}/iter1/eval-good/heldout/validation/metrics.json" for arm in arms}
     plan = run_snakemake(workdir, "--dry-run", "--printshellcmds", "--cores", "2", "--configfile", configfile)
     prepare_commands = [line.split() for line in plan.stdout.splitlines() if "leti tasks prepare" in line]
     limits = {

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from leti.config import FeedbackSettings, FinetuneSettings, RegularizerConfig
+from leti.config import ExperimentConfig, FeedbackSettings, FinetuneSettings, RegularizerConfig
 from leti.feedback import TextTokenizer, build_feedback, text_tokenizer, training_text
 from leti.finetune import (
     IGNORE_INDEX,
@@ -83,18 +84,40 @@ CHARACTERS = TextTokenizer(count_tokens=len, end_of_text="<|endoftext|>")
 
 
 def feedback_texts(
-    rollouts: dict[str, Path], mode: str, tmp_path: Path, tokenizer: TextTokenizer = CHARACTERS
+    rollouts: dict[str, Path],
+    mode: str,
+    tmp_path: Path,
+    tokenizer: TextTokenizer = CHARACTERS,
+    train_on: str = "all",
 ) -> list[FeedbackExample]:
     output = tmp_path / f"feedback-{mode}.jsonl"
     build_feedback(
         rollouts["tasks"],
         output,
-        FeedbackSettings(mode=mode),
+        FeedbackSettings(mode=mode, train_on=train_on),
         tokenizer,
         samples=rollouts["samples"],
         executions=rollouts["executions"],
     )
     return read_jsonl(output, FeedbackExample)
+
+
+@pytest.mark.parametrize("mode", ["textual", "binary"])
+def test_train_on_passed_keeps_only_the_passing_rollouts(rollouts, tmp_path: Path, mode: str) -> None:
+    everything = feedback_texts(rollouts, mode, tmp_path)
+    passing = feedback_texts(rollouts, mode, tmp_path, train_on="passed")
+    assert [example.reward for example in everything] == ["good", "bad"]
+    assert passing == everything[:1]
+
+
+def test_feedback_settings_name_train_on_only_when_it_departs() -> None:
+    assert json.loads(FeedbackSettings(mode="binary").as_param()) == {"mode": "binary"}
+    assert json.loads(FeedbackSettings(mode="binary", train_on="passed").as_param()) == {
+        "mode": "binary",
+        "train_on": "passed",
+    }
+    with pytest.raises(ValidationError, match="gold arm trains on reference solutions"):
+        ExperimentConfig(feedback="gold", train_on="passed")
 
 
 def test_textual_feedback_texts_are_exact(rollouts, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from leti.errors import LetiError
-from leti.records import FeedbackMode, Purpose
+from leti.records import FeedbackMode, Purpose, TrainOn
 from leti.special_tokens import RewardPrefix
 
 # Counts must be real integers: lax parsing would turn `true` into 1.
@@ -290,10 +290,28 @@ class FeedbackSettings(Section):
     """What `leti feedback` receives."""
 
     mode: FeedbackMode = "textual"
+    train_on: TrainOn = "all"
+
+    def as_param(self) -> str:
+        """The JSON a rule passes. `train_on` appears only when set, so that adding the option left
+        the parameters of every existing run, and so Snakemake's view of them, unchanged."""
+        return self.model_dump_json(exclude={"train_on"} if self.train_on == "all" else None)
 
 
 class ExperimentConfig(Section):
     feedback: FeedbackMode = "textual"
+    train_on: TrainOn = Field(
+        default="all",
+        description='A departure: "passed" makes training texts of the passing rollouts only, as rejection-'
+        "sampling fine-tuning does; the reference trains on every rollout (README, Departures).",
+    )
+
+    @model_validator(mode="after")
+    def _train_on_needs_rollouts(self) -> ExperimentConfig:
+        if self.feedback == "gold" and self.train_on != "all":
+            raise ValueError("train_on: the gold arm trains on reference solutions, not on rollouts")
+        return self
+
     finetune: dict[str, Any] = Field(
         default_factory=dict,
         description="Keys of the `finetune` section this arm sets otherwise, e.g. {regularizer: {ratio: 1.0}}: "

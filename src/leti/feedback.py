@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from leti.config import FeedbackSettings
 from leti.io import ArtifactError, read_jsonl, write_jsonl
-from leti.records import Execution, ExecutionStatus, FeedbackExample, FeedbackMode, Problem, Sample
+from leti.records import Execution, ExecutionStatus, FeedbackExample, FeedbackMode, Problem, Sample, TrainOn
 from leti.special_tokens import BAD, FEEDBACK_END, FEEDBACK_START, GOOD
 
 CountTokens = Callable[[str], int]
@@ -69,8 +69,10 @@ def rollout_examples(
     samples: Sequence[Sample],
     executions: Sequence[Execution],
     count_tokens: CountTokens,
+    train_on: TrainOn = "all",
 ) -> Iterator[FeedbackExample]:
-    """One example per sample, in sample order. Sandbox errors are ours, not the program's: skipped."""
+    """One example per sample, in sample order (only the passing ones with `train_on="passed"`).
+    Sandbox errors are ours, not the program's: skipped."""
     problems_by_id = {problem.task_id: problem for problem in problems}
     executions_by_key = {(e.task_id, e.sample_index): e for e in executions}
     for sample in samples:
@@ -80,6 +82,8 @@ def rollout_examples(
         if sample.task_id not in problems_by_id:
             raise ArtifactError(f"sample for {sample.task_id}, which is not in the task set")
         if execution.status is ExecutionStatus.sandbox_error:
+            continue
+        if train_on == "passed" and execution.status is not ExecutionStatus.passed:
             continue
         problem = problems_by_id[sample.task_id]
         yield example(mode, problem, sample.completion, execution, sample.sample_index, count_tokens)
@@ -136,5 +140,6 @@ def build_feedback(
             read_jsonl(samples, Sample),
             read_jsonl(executions, Execution),
             tokenizer.count_tokens,
+            settings.train_on,
         ),
     )

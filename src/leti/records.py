@@ -104,6 +104,8 @@ class SandboxImage(Record):
 
 
 FeedbackMode = Literal["textual", "binary", "gold"]
+# Which rollouts become training texts: every one (the reference), or only those that passed (a departure).
+TrainOn = Literal["all", "passed"]
 Reward = Literal["good", "bad"]
 
 
