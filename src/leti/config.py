@@ -305,18 +305,17 @@ class ExperimentConfig(Section):
         description='A departure: "passed" makes training texts of the passing rollouts only, as rejection-'
         "sampling fine-tuning does; the reference trains on every rollout (README, Departures).",
     )
+    finetune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of the `finetune` section this arm sets otherwise, e.g. {regularizer: {ratio: 1.0}}: "
+        "arms that differ only here measure one setting side by side on the same rollouts of the base model.",
+    )
 
     @model_validator(mode="after")
     def _train_on_needs_rollouts(self) -> ExperimentConfig:
         if self.feedback == "gold" and self.train_on != "all":
             raise ValueError("train_on: the gold arm trains on reference solutions, not on rollouts")
         return self
-
-    finetune: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Keys of the `finetune` section this arm sets otherwise, e.g. {regularizer: {ratio: 1.0}}: "
-        "arms that differ only here measure one setting side by side on the same rollouts of the base model.",
-    )
 
 
 class JobResources(Section):
