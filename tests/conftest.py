@@ -95,6 +95,14 @@ def workdir(tmp_path: Path, mbpp_path: Path) -> Path:
     return tmp_path
 
 
+def write_heldout_tasks(folder: Path, mbpp_path: Path) -> None:
+    """data/mbpp-heldout.jsonl in `folder`, as the header of configs/heldout.yaml says to make it."""
+    from leti.io import write_jsonl
+    from leti.tasks import mbpp_heldout
+
+    write_jsonl(folder / "data" / "mbpp-heldout.jsonl", mbpp_heldout(mbpp_path, rollout_problems=64))
+
+
 # A corpus for the tiny tokenizer: code, docstrings and the characters prompts start with.
 TINY_CORPUS = '''"""
 Write a function to add two numbers.

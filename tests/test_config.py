@@ -296,11 +296,9 @@ def test_every_config_file_is_valid_merged_into_config_yaml(
     import subprocess
     import sys
 
-    from leti.io import write_jsonl
-    from leti.tasks import mbpp_heldout
+    from conftest import write_heldout_tasks
 
-    # The held-out configs read the file their header says to write first.
-    write_jsonl(tmp_path / "data" / "mbpp-heldout.jsonl", mbpp_heldout(mbpp_path, rollout_problems=64))
+    write_heldout_tasks(tmp_path, mbpp_path)
     env = {
         "PATH": str(Path(sys.executable).parent),
         "LETI_MBPP_PATH": str(mbpp_path),

@@ -268,12 +268,9 @@ def test_an_arm_training_on_passing_rollouts_only_says_so_and_the_others_keep_th
 def test_the_held_out_configs_train_one_iteration_and_evaluate_on_held_out_problems(
     workdir: Path, mbpp_path: Path, config_file: str, arms: list[str]
 ) -> None:
-    from conftest import REPO
+    from conftest import REPO, write_heldout_tasks
 
-    from leti.io import write_jsonl
-    from leti.tasks import mbpp_heldout
-
-    write_jsonl(workdir / "data" / "mbpp-heldout.jsonl", mbpp_heldout(mbpp_path, rollout_problems=64))
+    write_heldout_tasks(workdir, mbpp_path)
     configfile = str(REPO / "configs" / config_file)
     jobs = planned_jobs(workdir, "--configfile", configfile)
     assert Counter(job.rule for job in jobs)["finetune"] == len(arms)
