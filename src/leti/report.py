@@ -417,13 +417,13 @@ def print_summary(results: str | os.PathLike[str], output: TableOutput) -> None:
     documents = metrics_under(root)
     summary = summary_table(documents, sorted(root.glob("**/train_log.jsonl")))
     output.table(pass_at_k_table(summary), "pass@k with 95% CIs (steps: optimizer steps so far)")
-    # A task set's tables show the policies evaluated on it.
-    for tasks, table in outcome_table(summary).groupby("tasks", sort=False):
-        output.table(table.drop(columns="tasks").dropna(axis=1, how="all"), f"{tasks}: samples by outcome")
-    for tasks, table in share_table(summary).groupby("tasks", sort=False):
-        output.table(
-            table.drop(columns="tasks").dropna(axis=1, how="all"), f"{tasks}: share of samples, 95% CIs"
-        )
+    for table, title in [
+        (outcome_table(summary), "samples by outcome"),
+        (share_table(summary), "share of samples, 95% CIs"),
+    ]:
+        # A task set's tables show the policies evaluated on it.
+        for tasks, rows in table.groupby("tasks", sort=False):
+            output.table(rows.drop(columns="tasks").dropna(axis=1, how="all"), f"{tasks}: {title}")
     saved = root / "comparisons.csv"
     comparisons = pd.read_csv(saved) if saved.is_file() else comparisons_table(documents)
     if not comparisons.empty:
