@@ -1,4 +1,4 @@
-# LETI: generate -> execute -> build feedback -> LoRA fine-tune -> evaluate, per iteration.
+# LETI: generate -> execute -> build feedback -> LoRA fine-tune -> evaluate (and probe), per iteration.
 # The rules are thin; every stage is a `leti` subcommand (src/leti/cli.py).
 
 from snakemake.utils import min_version
@@ -20,6 +20,7 @@ include: "rules/execute.smk"
 include: "rules/feedback.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
+include: "rules/probe.smk"
 include: "rules/summary.smk"
 
 

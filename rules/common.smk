@@ -66,6 +66,15 @@ def all_metrics():
     return evaluations + rollouts
 
 
+def all_probes():
+    """The reward-token probe of every policy, the base model's included, on every probed task set."""
+    return [
+        rules.probe.output.probe.format(policy=policy, **split_task_set(task_set))
+        for policy in ["base", *trained_policies()]
+        for task_set in LETI.probed_task_sets()
+    ]
+
+
 def rollout_policies():
     """Policies whose rollouts some arm trains on: the base model and iterations 1 .. n-1 of the
     arms that learn from feedback (the gold arm trains on reference solutions)."""
@@ -215,6 +224,6 @@ def job_threads(rule):
 
 
 def job_resources(rule):
-    """mem_mb and runtime (minutes) of the rule's jobs, and `gpu` for generate and finetune
+    """mem_mb and runtime (minutes) of the rule's jobs, and `gpu` for the rules that run a model
     when `device` is cuda; unpacked into each rule's `resources:`."""
     return LETI.job_resources(rule)

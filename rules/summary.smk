@@ -5,6 +5,7 @@ rule summarize:
     input:
         metrics=all_metrics(),
         train_logs=all_train_logs(),
+        probes=all_probes(),
     output:
         csv=report("results/summary.csv", category="Summary", caption="report/summary.rst"),
         comparisons=report("results/comparisons.csv", category="Summary", caption="report/comparisons.rst"),
@@ -16,6 +17,7 @@ rule summarize:
         loss=report("results/plots/training_loss.png", category="Summary", caption="report/training_loss.rst"),
     params:
         train_logs=lambda wildcards, input: " ".join(f"--train-log {path}" for path in input.train_logs),
+        probes=lambda wildcards, input: " ".join(f"--probe {path}" for path in input.probes),
     threads: job_threads("summarize")
     resources:
         **job_resources("summarize"),
@@ -26,7 +28,7 @@ rule summarize:
     benchmark:
         "benchmarks/summarize.tsv"
     shell:
-        "leti summarize {input.metrics} {params.train_logs} --csv {output.csv} "
+        "leti summarize {input.metrics} {params.train_logs} {params.probes} --csv {output.csv} "
         "--comparisons {output.comparisons} --pass-at-k-plot {output.pass_at_k} "
         "--sample-efficiency-plot {output.sample_efficiency} --error-types-plot {output.error_types} "
         "--loss-plot {output.loss} > {log} 2>&1"

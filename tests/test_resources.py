@@ -53,7 +53,7 @@ def test_every_rule_has_its_configured_resources(workdir: Path) -> None:
         assert "gpu" not in resources, rule  # device: auto asks for no GPU
 
 
-def test_only_generate_and_finetune_ask_for_gpus_on_cuda(workdir: Path) -> None:
+def test_only_the_rules_that_run_a_model_ask_for_gpus_on_cuda(workdir: Path) -> None:
     path = workdir / "config.yaml"
     config = yaml.safe_load(path.read_text())
     config["device"] = "cuda"
@@ -61,7 +61,7 @@ def test_only_generate_and_finetune_ask_for_gpus_on_cuda(workdir: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     jobs = planned_resources(workdir, "--forceall")
     with_gpus = {rule for rule, resources, _ in jobs if "gpu" in resources}
-    assert with_gpus == {"generate", "finetune"}
+    assert with_gpus == {"generate", "finetune", "probe"}
     assert all(resources["gpu"] == "2" for rule, resources, _ in jobs if rule in with_gpus)
     assert not with_gpus & CPU_ONLY_RULES
 

@@ -202,6 +202,35 @@ def generate(
 
 
 @app.command()
+def probe(
+    model: Annotated[Path, typer.Option(exists=True, file_okay=False)],
+    tasks: InputFile,
+    output: OutputPath,
+    policy: Annotated[str, typer.Option(help='"base" or "{experiment}/iter{i}".')],
+    adapter: Annotated[Path | None, typer.Option(exists=True, file_okay=False)] = None,
+    settings: Settings = "{}",
+    threads: Threads = 1,
+) -> None:
+    """Score each reference solution after <|good|> and after <|bad|>, teacher-forced: has the policy
+    learned what the reward tokens mean?"""
+    from leti.config import ProbeSettings
+    from leti.probe import probe_policy
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = probe_policy(
+        model, tasks, output, ProbeSettings.model_validate_json(settings), policy, adapter, threads
+    )
+    contrast = result.estimates.get("good_minus_bad")
+    summary = (
+        f"good - bad {contrast.value:+.4f} nats/token [{contrast.ci_low:+.4f}, {contrast.ci_high:+.4f}], "
+        f"p {result.p_value:.3g}"
+        if contrast
+        else "no problem with a reference solution"
+    )
+    stderr.print(f"{policy} on {result.num_problems} problems: {summary} -> {output}")
+
+
+@app.command()
 def postprocess(tasks: InputFile, samples: InputFile, output: OutputPath) -> None:
     """Apply the task set's post-processing (stop sequences, own-test stripping) to samples generated
     without it: e.g. a departure's effect on an evaluation, without generating again."""
@@ -316,16 +345,19 @@ def summarize(
     error_types_plot: OutputPath,
     loss_plot: OutputPath,
     train_log: Annotated[list[Path] | None, typer.Option(exists=True, dir_okay=False)] = None,
+    probe: Annotated[
+        list[Path] | None, typer.Option(exists=True, dir_okay=False, help="probe.json files.")
+    ] = None,
 ) -> None:
-    """Aggregate metrics into summary.csv and comparisons.csv, and plot pass@k, sample efficiency,
-    error types and training loss."""
+    """Aggregate metrics and reward-token probes into summary.csv and comparisons.csv, and plot
+    pass@k, sample efficiency, error types and training loss."""
     from leti.report import SummaryOutputs
     from leti.report import summarize as write_summary
 
     outputs = SummaryOutputs(
         csv, comparisons, pass_at_k_plot, sample_efficiency_plot, error_types_plot, loss_plot
     )
-    table = write_summary(metrics, train_log or [], outputs)
+    table = write_summary(metrics, train_log or [], outputs, probe or [])
     stderr.print(f"{len(table)} rows -> {csv}; comparisons -> {comparisons}")
 
 

@@ -6,7 +6,10 @@ Three kinds, each on every evaluation task set:
 - `good_vs_bad` (and `good_vs_none`): one trained policy under two reward prefixes, the check that
   it learned what the reward tokens mean;
 - `run_vs_run` (`leti compare`): the same evaluation in two runs, e.g. a departure from the
-  reference against the faithful setting.
+  reference against the faithful setting;
+- `probe_good_vs_bad` and `probe_vs_base` (metric `loglik_per_token`, leti.probe): the reference
+  solutions' mean log-likelihood per token after <|good|> against after <|bad|> under one policy,
+  and under a trained policy after <|good|> against under the base model.
 Each row has the difference a - b, its 95% paired-bootstrap CI and an exact paired test's p-value
 (leti.stats), for every pass@k and every task metric both sides have.
 """
@@ -22,7 +25,7 @@ import pandas as pd
 from leti import stats
 from leti.evaluate import pass_at_k_columns, task_metric_columns, task_metric_named, task_metric_statistic
 from leti.layout import BASE_POLICY, parse_policy
-from leti.records import Metrics, ProblemResult
+from leti.records import Metrics, Probe, ProblemResult
 
 COMPARISON_COLUMNS = [
     "kind",
@@ -42,6 +45,9 @@ COMPARISON_COLUMNS = [
     "p_value",
     "test",
 ]
+
+# The probe's paired measure, per problem.
+PROBE_METRIC = "loglik_per_token"
 
 # Prefix contrasts, each (a, b): a - b.
 PREFIX_CONTRASTS = (("good", "bad"), ("good", "none"))
@@ -78,36 +84,82 @@ def compare_documents(kind: str, a: Metrics, b: Metrics) -> list[dict]:
     if not shared:
         return []
     paired_b = [results_b[result.task_id] for result in shared]
-    rows = []
-    for metric, (columns_a, columns_b, statistic) in _metric_columns(a, shared, paired_b).items():
-        comparison = stats.compare(columns_a, columns_b, statistic)
-        rows.append(
-            {
-                "kind": kind,
-                "dataset": a.dataset,
-                "split": a.split,
-                "metric": metric,
-                "policy_a": a.policy,
-                "reward_prefix_a": a.reward_prefix,
-                "policy_b": b.policy,
-                "reward_prefix_b": b.reward_prefix,
-                "num_problems": comparison.num_problems,
-                "value_a": comparison.value_a,
-                "value_b": comparison.value_b,
-                "difference": comparison.difference,
-                "ci_low": comparison.ci_low,
-                "ci_high": comparison.ci_high,
-                "p_value": comparison.p_value,
-                "test": comparison.test,
-            }
+    return [
+        comparison_row(
+            kind,
+            a.dataset,
+            a.split,
+            metric,
+            (a.policy, a.reward_prefix),
+            (b.policy, b.reward_prefix),
+            stats.compare(columns_a, columns_b, statistic),
         )
-    return rows
+        for metric, (columns_a, columns_b, statistic) in _metric_columns(a, shared, paired_b).items()
+    ]
 
 
-def comparisons_table(documents: Iterable[Metrics]) -> pd.DataFrame:
+def comparison_row(
+    kind: str,
+    dataset: str,
+    split: str,
+    metric: str,
+    a: tuple[str, str],
+    b: tuple[str, str],
+    comparison: stats.PairedComparison,
+) -> dict:
+    """A row of comparisons.csv; `a` and `b` are (policy, reward prefix)."""
+    return {
+        "kind": kind,
+        "dataset": dataset,
+        "split": split,
+        "metric": metric,
+        "policy_a": a[0],
+        "reward_prefix_a": a[1],
+        "policy_b": b[0],
+        "reward_prefix_b": b[1],
+        "num_problems": comparison.num_problems,
+        "value_a": comparison.value_a,
+        "value_b": comparison.value_b,
+        "difference": comparison.difference,
+        "ci_low": comparison.ci_low,
+        "ci_high": comparison.ci_high,
+        "p_value": comparison.p_value,
+        "test": comparison.test,
+    }
+
+
+def comparisons_table(documents: Iterable[Metrics], probes: Sequence[Probe] = ()) -> pd.DataFrame:
     documents = list(documents)
     rows = [row for kind, a, b in comparison_pairs(documents) for row in compare_documents(kind, a, b)]
+    rows += probe_comparisons(probes)
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def probe_comparisons(probes: Sequence[Probe]) -> list[dict]:
+    """good - bad under every probed policy, and each trained policy's good against the base model's."""
+    bases = {(probe.dataset, probe.split): probe for probe in probes if probe.policy == BASE_POLICY}
+    rows = [compare_probes("probe_good_vs_bad", (probe, "good"), (probe, "bad")) for probe in probes]
+    rows += [
+        compare_probes("probe_vs_base", (probe, "good"), (base, "good"))
+        for probe in probes
+        if probe.policy != BASE_POLICY and (base := bases.get((probe.dataset, probe.split))) is not None
+    ]
+    return [row for row in rows if row is not None]
+
+
+def compare_probes(kind: str, a: tuple[Probe, str], b: tuple[Probe, str]) -> dict | None:
+    """One row: a's per-problem likelihoods after one reward token minus b's, on the problems both scored."""
+    (probe_a, prefix_a), (probe_b, prefix_b) = a, b
+    scores_b = {problem.task_id: getattr(problem, prefix_b) for problem in probe_b.problems}
+    shared = [problem for problem in probe_a.problems if problem.task_id in scores_b]
+    if not shared:
+        return None
+    comparison = stats.compare(
+        [np.array([getattr(problem, prefix_a) for problem in shared])],
+        [np.array([scores_b[problem.task_id] for problem in shared])],
+    )
+    where = (probe_a.dataset, probe_a.split, PROBE_METRIC)
+    return comparison_row(kind, *where, (probe_a.policy, prefix_a), (probe_b.policy, prefix_b), comparison)
 
 
 def runs_table(documents_a: Iterable[Metrics], documents_b: Iterable[Metrics]) -> pd.DataFrame:

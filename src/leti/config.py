@@ -7,7 +7,9 @@ dotted key and, where the key comes from a YAML file, that file and line.
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,7 +24,8 @@ from leti.special_tokens import RewardPrefix
 # Counts must be real integers: lax parsing would turn `true` into 1.
 Count = Annotated[int, Field(strict=True, gt=0)]
 NonNegativeCount = Annotated[int, Field(strict=True, ge=0)]
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+Name = Annotated[str, Field(pattern=f"^{NAME_PATTERN}$")]
 
 MBPP_SPLITS = ("prompt", "test", "validation", "train")
 MBPP_PATH_ENV = "LETI_MBPP_PATH"
@@ -174,7 +177,15 @@ class RegularizerConfig(Section):
     block_tokens: Count = 512
 
 
+FinetuneMethod = Literal["lora", "full"]
+
+
 class FinetuneConfig(Section):
+    method: FinetuneMethod = Field(
+        default="lora",
+        description="lora: a LoRA adapter and the LETI tokens' embedding rows train; full: every weight "
+        "trains, as the reference fine-tunes (an iteration's output folder then holds the whole model).",
+    )
     learning_rate: float = Field(default=2e-4, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: NonNegativeCount = 0
@@ -263,6 +274,35 @@ class EvaluateConfig(SamplingConfig):
         return [self.reward_prefix] if isinstance(self.reward_prefix, str) else list(self.reward_prefix)
 
 
+class ProbeScoring(Section):
+    max_problems: Count | None = Field(
+        default=100,
+        description="Only the first N problems of each task set (those with a reference solution).",
+    )
+    forward_tokens: Count = Field(default=4096, description="Padded tokens per forward pass.")
+    dtype: ModelDtype = Field(
+        default="float32",
+        description="The dtype the policy is scored in. float32: the contrast is far below bfloat16's rounding.",
+    )
+
+
+class ProbeConfig(ProbeScoring):
+    """The reward-token probe: how likely each problem's reference solution is after <|good|> and after
+    <|bad|> under every policy, teacher-forced (no generation)."""
+
+    tasks: list[str] | None = Field(
+        default=None,
+        description="Task sets to probe; null: every one of evaluate.tasks. Problems without a reference "
+        "solution are skipped; [] probes nothing.",
+    )
+
+
+class ProbeSettings(ProbeScoring):
+    """What `leti probe` receives."""
+
+    device: Device = "auto"
+
+
 class GenerationSettings(SamplingConfig):
     """What `leti generate` receives for one policy and purpose (rollouts or evaluation)."""
 
@@ -310,12 +350,91 @@ class ExperimentConfig(Section):
         description="Keys of the `finetune` section this arm sets otherwise, e.g. {regularizer: {ratio: 1.0}}: "
         "arms that differ only here measure one setting side by side on the same rollouts of the base model.",
     )
+    sweep: list[dict[str, Annotated[list[Any], Field(min_length=1)]]] = Field(
+        default_factory=list,
+        description="Grids of `finetune` keys (dotted for nested ones) to lists of values. The arm becomes one "
+        "arm per point of each grid, named after the values, e.g. {learning_rate: [2.0e-5, 2.0e-4]} gives "
+        "ARM-lr2e-5 and ARM-lr2e-4, every one with the arm's own settings otherwise.",
+    )
 
     @model_validator(mode="after")
     def _train_on_needs_rollouts(self) -> ExperimentConfig:
         if self.feedback == "gold" and self.train_on != "all":
             raise ValueError("train_on: the gold arm trains on reference solutions, not on rollouts")
         return self
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_keys_are_finetune_keys(cls, grids: list[dict[str, list[Any]]]) -> list[dict[str, list[Any]]]:
+        for grid in grids:
+            if not grid:
+                raise ValueError("a grid names at least one finetune key")
+            for key in grid:
+                if not _is_finetune_key(key):
+                    raise ValueError(f"{key!r} is not a key of the finetune section")
+        return grids
+
+    def swept(self, name: str) -> dict[str, ExperimentConfig]:
+        """The arms this arm stands for: itself, or one per point of its sweep's grids, by name."""
+        if not self.sweep:
+            return {name: self}
+        arms: dict[str, ExperimentConfig] = {}
+        for grid in self.sweep:
+            for values in itertools.product(*grid.values()):
+                point = dict(zip(grid, values, strict=True))
+                arm_name = "-".join([name, *(_point_label(key, value) for key, value in point.items())])
+                arm = self.model_copy(
+                    update={"finetune": _merged(self.finetune, _nested(point)), "sweep": []}
+                )
+                if arms.setdefault(arm_name, arm) != arm:
+                    raise ValueError(f"two points of the sweep of {name} are both named {arm_name}")
+        return arms
+
+
+# Short names of the finetune keys in the names of swept arms; others appear as their last part.
+SWEEP_LABELS = {
+    "method": "",
+    "learning_rate": "lr",
+    "batch_size": "batch",
+    "gradient_accumulation_steps": "accum",
+    "epochs": "epochs",
+}
+
+
+def _is_finetune_key(dotted: str) -> bool:
+    section: type[BaseModel] = FinetuneConfig
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        annotation = section.model_fields[part].annotation if part in section.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        section = annotation
+    return leaf in section.model_fields
+
+
+def _nested(point: dict[str, Any]) -> dict[str, Any]:
+    """{"regularizer.ratio": 1.0} as {"regularizer": {"ratio": 1.0}}."""
+    nested: dict[str, Any] = {}
+    for dotted, value in point.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _point_label(key: str, value: Any) -> str:
+    """A key and value as they appear in a swept arm's name: learning_rate 2e-05 as lr2e-5."""
+    if isinstance(value, float) and value != 0 and abs(value) < 1e-2:
+        mantissa, exponent = f"{value:e}".split("e")
+        text = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    else:
+        text = str(value).lower()
+    label = SWEEP_LABELS.get(key, key.split(".")[-1].replace("_", "-")) + text.replace(".", "p")
+    if not re.fullmatch(NAME_PATTERN, label):
+        raise ValueError(f"{key}: the value {value!r} cannot be part of an arm name")
+    return label
 
 
 class JobResources(Section):
@@ -338,9 +457,10 @@ RULES = (
     "build_feedback",
     "finetune",
     "evaluate",
+    "probe",
     "summarize",
 )
-GPU_RULES = ("generate", "finetune")
+GPU_RULES = ("generate", "finetune", "probe")
 
 # Built-in sizes, for the 0.5B model on CPUs. Other rules take `default`.
 BUILTIN_RESOURCES = {
@@ -350,6 +470,7 @@ BUILTIN_RESOURCES = {
     "generate": JobResources(threads=4, mem_mb=4000, runtime=240),
     "execute": JobResources(threads=4, mem_mb=2000, runtime=120),
     "finetune": JobResources(threads=4, mem_mb=8000, runtime=480),
+    "probe": JobResources(threads=4, mem_mb=6000, runtime=120),
 }
 
 
@@ -373,8 +494,11 @@ class ResourcesConfig(Section):
     build_feedback: JobResources = Field(default_factory=JobResources)
     finetune: JobResources = Field(default_factory=JobResources)
     evaluate: JobResources = Field(default_factory=JobResources)
+    probe: JobResources = Field(default_factory=JobResources)
     summarize: JobResources = Field(default_factory=JobResources)
-    gpus: Count = Field(default=1, description="GPUs per generate and finetune job when device is cuda.")
+    gpus: Count = Field(
+        default=1, description="GPUs per generate, finetune and probe job when device is cuda."
+    )
 
     def of(self, rule: str) -> JobResources:
         """The complete resources of one rule's jobs."""
@@ -408,6 +532,7 @@ class Config(Section):
     execute: ExecuteConfig = Field(default_factory=ExecuteConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
     experiments: dict[Name, ExperimentConfig] = Field(
         min_length=1,
         description="The arms. An arm set to null is left out: a file given with --configfile is merged "
@@ -423,6 +548,17 @@ class Config(Section):
             else value
         )
 
+    @field_validator("experiments")
+    @classmethod
+    def _expand_sweeps(cls, arms: dict[str, ExperimentConfig]) -> dict[str, ExperimentConfig]:
+        expanded: dict[str, ExperimentConfig] = {}
+        for name, arm in arms.items():
+            for arm_name, point in arm.swept(name).items():
+                if arm_name in expanded:
+                    raise ValueError(f"{name}: its sweep makes an arm {arm_name}, and that name is taken")
+                expanded[arm_name] = point
+        return expanded
+
     @model_validator(mode="after")
     def _task_sets_exist(self) -> Config:
         for key, names in {"data.custom": self.data.custom, "data.eae": self.data.eae}.items():
@@ -437,6 +573,7 @@ class Config(Section):
             "generate.tasks": [self.generate.tasks],
             "evaluate.tasks": self.evaluate.tasks,
             "data.limits": list(self.data.limits),
+            "probe.tasks": self.probe.tasks or [],
         }
         for key, names in references.items():
             for name in names:
@@ -458,7 +595,13 @@ class Config(Section):
         return "eae" if dataset == "geneva" or dataset in self.data.eae else None
 
     def used_task_sets(self) -> list[str]:
-        return list(dict.fromkeys([self.generate.tasks, *self.evaluate.tasks]))
+        return list(dict.fromkeys([self.generate.tasks, *self.evaluate.tasks, *self.probed_task_sets()]))
+
+    def probed_task_sets(self) -> list[str]:
+        return self.evaluate.tasks if self.probe.tasks is None else self.probe.tasks
+
+    def probe_settings(self) -> ProbeSettings:
+        return ProbeSettings(**self.probe.model_dump(exclude={"tasks"}), device=self.device)
 
     def generation_settings(
         self, purpose: Purpose, policy_iteration: int, reward_prefix: RewardPrefix | None = None

@@ -1,7 +1,9 @@
-"""LoRA fine-tuning of a policy on LETI training texts (LETI.md, step 4).
+"""Fine-tuning of a policy on LETI training texts (LETI.md, step 4).
 
-Iteration i starts from the adapter of iteration i-1, or from a fresh LoRA on the
-base model. The LETI special tokens' embedding rows train with it. Every optimizer
+`method: lora` (the default here): iteration i starts from the adapter of iteration i-1, or from a
+fresh LoRA on the base model, and the LETI special tokens' embedding rows train with it.
+`method: full` (the reference's): every weight trains, and iteration i starts from the whole model
+that iteration i-1 saved. Every optimizer
 step is logged; every `checkpoint_every` steps the trainable weights, optimizer,
 scheduler, random state and position in the data are saved, so a killed job that
 is rerun continues where it stopped and ends with the same adapter.
@@ -239,15 +241,23 @@ def plan_training(feedback: Sequence[TokenizedText], settings: FinetuneSettings,
 
 
 def load_policy(
-    model_dir: str | os.PathLike[str], previous_adapter, settings: FinetuneSettings, dtype, tokenizer
+    model_dir: str | os.PathLike[str],
+    previous: str | os.PathLike[str] | None,
+    settings: FinetuneSettings,
+    dtype,
+    tokenizer,
 ):
-    """The base model with a trainable LoRA: the previous iteration's, or a fresh one."""
+    """The model to train. LoRA: the base model with the previous iteration's adapter, or a fresh one
+    that also trains the LETI tokens' embedding rows. Full: every weight of the previous iteration's
+    model, or of the base model."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    if settings.method == "full":
+        return AutoModelForCausalLM.from_pretrained(previous or model_dir, dtype=dtype, local_files_only=True)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    if previous_adapter is not None:
-        return PeftModel.from_pretrained(base, previous_adapter, is_trainable=True)
+    if previous is not None:
+        return PeftModel.from_pretrained(base, previous, is_trainable=True)
     special_ids = tokenizer.convert_tokens_to_ids(list(LETI_SPECIAL_TOKENS))
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in special_ids:
         raise FinetuneError(

@@ -56,6 +56,8 @@ from leti.special_tokens import RewardPrefix, reward_token
 
 log = logging.getLogger(__name__)
 
+# What peft writes beside an adapter's weights; a folder without it holds a whole model.
+ADAPTER_CONFIG = "adapter_config.json"
 # A refill prefills its prompts in one forward pass; waiting for a few free rows amortises it.
 REFILL_FRACTION = 4
 
@@ -127,7 +129,8 @@ def choose_tokens(
 def load_policy(
     model_dir: Path, adapter_dir: Path | None, dtype: ModelDtype = "auto", device: Device = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The prepared base model with the adapter merged in, in eval mode on `device` (leti.device).
+    """The prepared base model with the adapter merged in (or the whole fine-tuned model that
+    `adapter_dir` holds), in eval mode on `device` (leti.device).
 
     The base is loaded straight in the inference dtype, as fine-tuning loads it: a float32 copy
     first would double the peak memory (4 GB for Qwen-0.5B). Merged, the adapter costs nothing
@@ -135,10 +138,12 @@ def load_policy(
     """
     target = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    # An iteration fine-tuned with `method: full` saved the whole model in place of an adapter.
+    whole_model = adapter_dir is not None and not (adapter_dir / ADAPTER_CONFIG).is_file()
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, dtype=inference_dtype(dtype, target)
+        adapter_dir if whole_model else model_dir, local_files_only=True, dtype=inference_dtype(dtype, target)
     )
-    if adapter_dir is not None:
+    if adapter_dir is not None and not whole_model:
         from peft import PeftModel
 
         try:

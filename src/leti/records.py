@@ -193,3 +193,36 @@ class Metrics(Record):
     problems: list[ProblemResult] = Field(
         default_factory=list, description="Per problem, in task-set order: what paired comparisons pair."
     )
+
+
+class ProbeProblem(Record):
+    """One problem's reference solution under a policy, teacher-forced after each reward token."""
+
+    task_id: str
+    tokens: int = Field(gt=0, description="Tokens of the reference solution scored.")
+    good: float = Field(description="Mean log-likelihood per token (nats) after <|good|> + prompt.")
+    bad: float = Field(description="Mean log-likelihood per token (nats) after <|bad|> + prompt.")
+
+
+class Probe(Record):
+    """The reward-token probe of one policy on one task set: has it learned what the tokens mean?"""
+
+    dataset: str
+    split: str
+    policy: str
+    policy_iteration: NonNegativeInt
+    num_problems: NonNegativeInt = Field(description="Problems with a reference solution that were scored.")
+    embedding_distance: NonNegativeFloat = Field(
+        description="L2 distance between the <|good|> and <|bad|> input embedding rows of the policy as it "
+        "generates (adapter merged); 0 in the base model."
+    )
+    embedding_row_norm: NonNegativeFloat = Field(
+        description="Median L2 norm of the input embedding rows of the vocabulary, for scale."
+    )
+    estimates: dict[str, Estimate] = Field(
+        default_factory=dict,
+        description='"good" and "bad" (mean over problems, bootstrap CI) and "good_minus_bad" (paired CI).',
+    )
+    p_value: float | None = Field(default=None, description="Of good - bad: a paired test over problems.")
+    test: str | None = None
+    problems: list[ProbeProblem] = Field(default_factory=list)

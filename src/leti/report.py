@@ -17,10 +17,12 @@ from leti.comparisons import comparisons_table, runs_table
 from leti.evaluate import OTHER_ERROR, SHARE_PREFIX, TRACKED_ERRORS
 from leti.io import ArtifactError, read_json, read_jsonl
 from leti.layout import BASE_POLICY, parse_policy, policy_name
-from leti.records import Execution, FeedbackExample, Metrics, Problem, Sample, TrainStep
+from leti.records import Estimate, Execution, FeedbackExample, Metrics, Probe, Problem, Sample, TrainStep
 
 # Summary metrics named "outcome:{passed, timeout or an exception type}" count samples.
 OUTCOME_PREFIX = "outcome:"
+# Summary metrics of the reward-token probe (purpose "probe"): good, bad, good_minus_bad, ...
+PROBE_PREFIX = "probe:"
 SUMMARY_COLUMNS = [
     "experiment",
     "policy",
@@ -44,10 +46,7 @@ SUMMARY_COLUMNS = [
 def metrics_rows(
     metrics: Metrics, experiments: Sequence[str], training: dict[str, tuple[int, int]]
 ) -> list[dict]:
-    """Long-format rows of one metrics.json, each statistic with its CI where it has one. The
-    base model's rows are repeated for every arm, so that each arm's curve starts at iteration 0."""
-    experiment, iteration = parse_policy(metrics.policy)
-    arms = [experiment] if experiment is not None else list(experiments)
+    """Long-format rows of one metrics.json, each statistic with its CI where it has one."""
     values: dict[str, float] = {
         **metrics.pass_at_k,
         **metrics.task_metrics,
@@ -57,21 +56,55 @@ def metrics_rows(
         "mean_completion_tokens": metrics.mean_completion_tokens,
         **{f"{OUTCOME_PREFIX}{name}": count for name, count in metrics.error_types.items()},
     }
-    steps, tokens = training.get(metrics.policy, (math.nan, math.nan))
+    where = (metrics.policy, metrics.purpose, metrics.reward_prefix, metrics.dataset, metrics.split)
+    return long_rows(*where, values, metrics.estimates, experiments, training)
+
+
+def probe_rows(probe: Probe, experiments: Sequence[str], training: dict[str, tuple[int, int]]) -> list[dict]:
+    """Long-format rows of one probe.json (purpose "probe", metrics "probe:..."), with their CIs."""
+    estimates = {f"{PROBE_PREFIX}{name}": estimate for name, estimate in probe.estimates.items()}
+    values: dict[str, float] = {
+        **{name: estimate.value for name, estimate in estimates.items()},
+        f"{PROBE_PREFIX}embedding_distance": probe.embedding_distance,
+        f"{PROBE_PREFIX}embedding_row_norm": probe.embedding_row_norm,
+        "num_problems": probe.num_problems,
+    }
+    if probe.p_value is not None:
+        values[f"{PROBE_PREFIX}p_value"] = probe.p_value
+    where = (probe.policy, "probe", "none", probe.dataset, probe.split)
+    return long_rows(*where, values, estimates, experiments, training)
+
+
+def long_rows(
+    policy: str,
+    purpose: str,
+    reward_prefix: str,
+    dataset: str,
+    split: str,
+    values: dict[str, float],
+    estimates: dict[str, Estimate],
+    experiments: Sequence[str],
+    training: dict[str, tuple[int, int]],
+) -> list[dict]:
+    """One summary row per value. The base model's rows are repeated for every arm, so that each
+    arm's curve starts at iteration 0."""
+    experiment, iteration = parse_policy(policy)
+    arms = [experiment] if experiment is not None else list(experiments)
+    steps, tokens = training.get(policy, (math.nan, math.nan))
     return [
         {
             "experiment": arm,
-            "policy": metrics.policy,
+            "policy": policy,
             "iteration": iteration,
             "optimizer_steps": steps,
             "training_tokens": tokens,
-            "purpose": metrics.purpose,
-            "reward_prefix": metrics.reward_prefix,
-            "dataset": metrics.dataset,
-            "split": metrics.split,
+            "purpose": purpose,
+            "reward_prefix": reward_prefix,
+            "dataset": dataset,
+            "split": split,
             "metric": name,
             "value": float(value),
-            "ci_low": estimate.ci_low if (estimate := metrics.estimates.get(name)) else math.nan,
+            "ci_low": estimate.ci_low if (estimate := estimates.get(name)) else math.nan,
             "ci_high": estimate.ci_high if estimate else math.nan,
         }
         for arm in arms
@@ -108,13 +141,21 @@ def metrics_under(results: str | os.PathLike[str]) -> list[Metrics]:
     return read_metrics(paths)
 
 
+def read_probes(paths: Iterable[str | os.PathLike[str]]) -> list[Probe]:
+    return [read_json(path, Probe) for path in paths]
+
+
 def summary_table(
-    documents: Sequence[Metrics], train_log_paths: Iterable[str | os.PathLike[str]] = ()
+    documents: Sequence[Metrics],
+    train_log_paths: Iterable[str | os.PathLike[str]] = (),
+    probes: Sequence[Probe] = (),
 ) -> pd.DataFrame:
     """arm by iteration by purpose by task set by metric, one row each."""
-    experiments = sorted({e for d in documents if (e := parse_policy(d.policy)[0]) is not None}) or ["base"]
+    policies = [d.policy for d in documents] + [probe.policy for probe in probes]
+    experiments = sorted({e for policy in policies if (e := parse_policy(policy)[0]) is not None}) or ["base"]
     training = training_progress(train_log_paths)
     rows = [row for document in documents for row in metrics_rows(document, experiments, training)]
+    rows += [row for probe in probes for row in probe_rows(probe, experiments, training)]
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     return table.sort_values(
         ["experiment", "purpose", "dataset", "split", "iteration", "reward_prefix", "metric"],
@@ -126,11 +167,11 @@ def evaluations(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[summary["purpose"] == "eval"]
 
 
-def with_ci(value: float, low: float, high: float) -> str:
+def with_ci(value: float, low: float, high: float, number: str = ".3f") -> str:
     """A value and its 95% CI as one cell: "0.406 [0.250, 0.594]"."""
     if math.isnan(low):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+        return f"{value:{number}}"
+    return f"{value:{number}} [{low:{number}}, {high:{number}}]"
 
 
 def labelled(summary: pd.DataFrame) -> pd.DataFrame:
@@ -281,14 +322,16 @@ def summarize(
     metrics_paths: Sequence[str | os.PathLike[str]],
     train_log_paths: Sequence[str | os.PathLike[str]],
     outputs: SummaryOutputs,
+    probe_paths: Sequence[str | os.PathLike[str]] = (),
 ) -> pd.DataFrame:
     from leti.io import write_csv
     from leti.plots import plot_error_types, plot_pass_at_k, plot_sample_efficiency, plot_training_loss
 
     documents = read_metrics(metrics_paths)
-    summary = summary_table(documents, train_log_paths)
+    probes = read_probes(probe_paths)
+    summary = summary_table(documents, train_log_paths, probes)
     write_csv(outputs.csv, summary)
-    write_csv(outputs.comparisons, comparisons_table(documents))
+    write_csv(outputs.comparisons, comparisons_table(documents, probes))
     plot_pass_at_k(summary, outputs.pass_at_k_png)
     plot_sample_efficiency(summary, outputs.sample_efficiency_png)
     plot_error_types(summary, outputs.error_types_png)

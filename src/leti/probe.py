@@ -1,0 +1,176 @@
+"""The reward-token probe: has a policy learned what `<|good|>` and `<|bad|>` mean?
+
+LETI trains `<|good|> + prompt + program` on passing programs and `<|bad|> + ...` on failing ones,
+so a policy that learned the tokens finds a correct program more likely after `<|good|>`. The probe
+measures that without generating: for each problem with a reference solution, the mean
+log-likelihood per token of the solution after `<|good|> + prompt` and after `<|bad|> + prompt`,
+teacher-forced, and their paired difference over problems (leti.stats). A greedy pass@1 contrast
+moves by whole problems; this sees differences of a thousandth of a nat per token.
+
+The policy is the one that generates (`leti.generate.load_policy`: adapter merged), and the text is
+exactly what it is trained on and continues: `policy_input` followed by the solution. Also reported:
+the distance between the two tokens' embedding rows, identical in the base model
+(`leti.model.add_leti_tokens`), beside the typical row norm for scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from leti import stats
+from leti.config import ProbeSettings
+from leti.finetune import IGNORE_INDEX, TokenizedText, collate, forward_passes
+from leti.generate import load_policy, policy_input
+from leti.io import read_jsonl, write_json
+from leti.layout import parse_policy
+from leti.progress import StageProgress
+from leti.records import Estimate, Probe, ProbeProblem, Problem
+from leti.special_tokens import BAD, GOOD, RewardPrefix
+
+log = logging.getLogger(__name__)
+
+
+def solution_text(problem: Problem, prefix: RewardPrefix, tokenizer) -> TokenizedText | None:
+    """The policy's input for `problem` followed by its reference solution, labelled on the solution's
+    tokens only; None when the problem has no reference solution or it has no token of its own."""
+    if not problem.reference_solution:
+        return None
+    head = policy_input(problem, prefix).text
+    encoded = tokenizer(
+        head + problem.reference_solution, add_special_tokens=False, return_offsets_mapping=True
+    )
+    input_ids = list(encoded["input_ids"])
+    # A token that straddles the boundary (e.g. a prompt's closing quotes and newline) is the prompt's.
+    labels = [
+        token if start >= len(head) else IGNORE_INDEX
+        for token, (start, _) in zip(input_ids, encoded["offset_mapping"], strict=True)
+    ]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None
+    return TokenizedText(input_ids, labels)
+
+
+@torch.no_grad()
+def mean_log_likelihoods(
+    model, texts: Sequence[TokenizedText], forward_tokens: int, pad_id: int, on_pass=None
+) -> list[tuple[float, int]]:
+    """(mean log-likelihood per labelled token, labelled tokens) of each text, in order."""
+    order = sorted(range(len(texts)), key=lambda index: len(texts[index].input_ids), reverse=True)
+    results: dict[int, tuple[float, int]] = {}
+    position = 0
+    for part in forward_passes([texts[index] for index in order], forward_tokens):
+        batch = {key: value.to(model.device) for key, value in collate(part, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        losses = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        counts = (targets != IGNORE_INDEX).sum(dim=1)
+        for row, (loss, count) in enumerate(zip((-losses).sum(dim=1).tolist(), counts.tolist(), strict=True)):
+            results[order[position + row]] = (loss / count, count)
+        position += len(part)
+        if on_pass is not None:
+            on_pass(len(part))
+    return [results[index] for index in range(len(texts))]
+
+
+def embedding_rows(model, tokenizer) -> tuple[float, float]:
+    """(distance between the <|good|> and <|bad|> input rows, median row norm of the vocabulary)."""
+    weight = model.get_input_embeddings().weight.detach().float()
+    good_id, bad_id = tokenizer.convert_tokens_to_ids([GOOD, BAD])
+    distance = torch.linalg.vector_norm(weight[good_id] - weight[bad_id]).item()
+    return distance, torch.linalg.vector_norm(weight, dim=1).median().item()
+
+
+def probe_summary(problems: list[ProbeProblem]) -> tuple[dict[str, Estimate], float | None, str | None]:
+    """Estimates of good, bad and good - bad over problems, and the paired test's p-value."""
+    if not problems:
+        return {}, None, None
+    good = np.array([problem.good for problem in problems])
+    bad = np.array([problem.bad for problem in problems])
+    contrast = stats.compare([good], [bad])
+    estimates = {
+        "good": stats.estimate([good]),
+        "bad": stats.estimate([bad]),
+        "good_minus_bad": Estimate(
+            value=contrast.difference, ci_low=contrast.ci_low, ci_high=contrast.ci_high
+        ),
+    }
+    return estimates, contrast.p_value, contrast.test
+
+
+def probe_policy(
+    model_dir: str | os.PathLike[str],
+    tasks: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    settings: ProbeSettings,
+    policy: str,
+    adapter_dir: str | os.PathLike[str] | None = None,
+    threads: int = 1,
+) -> Probe:
+    """Score one policy on one task set and write probe.json."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    torch.set_num_threads(threads)
+    problems = read_jsonl(tasks, Problem)
+    model, tokenizer = load_policy(
+        Path(model_dir), Path(adapter_dir) if adapter_dir else None, settings.dtype, settings.device
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = [
+        (problem, good, bad)
+        for problem in problems
+        if (good := solution_text(problem, "good", tokenizer)) is not None
+        and (bad := solution_text(problem, "bad", tokenizer)) is not None
+    ][: settings.max_problems]
+    log.info("%d of %d problems have a reference solution to score", len(pairs), len(problems))
+    texts = [text for _, good, bad in pairs for text in (good, bad)]
+    progress = StageProgress(
+        TextColumn("probe"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with progress:
+        bar = progress.add_task("probe", total=len(texts))
+        scores = mean_log_likelihoods(
+            model, texts, settings.forward_tokens, pad_id, lambda done: progress.update(bar, advance=done)
+        )
+    scored = [
+        ProbeProblem(task_id=problem.task_id, tokens=good_tokens, good=good, bad=bad)
+        for (problem, _, _), (good, good_tokens), (bad, _) in zip(
+            pairs, scores[0::2], scores[1::2], strict=True
+        )
+    ]
+    estimates, p_value, test = probe_summary(scored)
+    distance, row_norm = embedding_rows(model, tokenizer)
+    first = problems[0] if problems else None
+    probe = Probe(
+        dataset=first.dataset if first else "",
+        split=first.split if first else "",
+        policy=policy,
+        policy_iteration=parse_policy(policy)[1],
+        num_problems=len(scored),
+        embedding_distance=distance,
+        embedding_row_norm=row_norm,
+        estimates=estimates,
+        p_value=p_value,
+        test=test,
+        problems=scored,
+    )
+    write_json(output, probe)
+    return probe

@@ -1,0 +1,158 @@
+"""The reward-token probe, and that the reward tokens can be learned through this project's fine-tuning
+path at all: LoRA plus the tokens' trainable embedding rows, merged as generation merges them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from leti.config import FinetuneSettings, GenerationSettings, ProbeSettings
+from leti.finetune import IGNORE_INDEX, finetune
+from leti.generate import generate_file
+from leti.io import read_json, read_jsonl, write_jsonl
+from leti.probe import probe_policy, solution_text
+from leti.records import FeedbackExample, Probe, Problem, Sample
+from leti.special_tokens import BAD, GOOD
+
+PROMPT = '"""\nWrite a function to add two numbers.\nassert add(1, 2) == 3\n"""'
+# What follows <|good|> and what follows <|bad|> in the training texts.
+GOOD_PROGRAM = "def add(a, b):\n    return a + b"
+BAD_PROGRAM = "class Pair:\n    def __init__(self, left, right):"
+
+
+def problem(task_id: str, reference: str | None) -> Problem:
+    return Problem(
+        task_id=task_id,
+        dataset="toy",
+        split="test",
+        prompt=PROMPT,
+        test_code="assert add(1, 2) == 3",
+        reference_solution=reference,
+    )
+
+
+@pytest.fixture
+def tasks(tmp_path: Path) -> Path:
+    path = tmp_path / "tasks.jsonl"
+    write_jsonl(
+        path, [problem("toy/good", GOOD_PROGRAM), problem("toy/none", None), problem("toy/bad", BAD_PROGRAM)]
+    )
+    return path
+
+
+def probe_settings(**overrides) -> ProbeSettings:
+    return ProbeSettings(**{"dtype": "float32", "device": "cpu", "forward_tokens": 256, **overrides})
+
+
+def test_only_the_reference_solution_is_scored(tiny_model: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = solution_text(problem("toy/good", GOOD_PROGRAM), "good", tokenizer)
+    assert text is not None and text.input_ids[0] == tokenizer.convert_tokens_to_ids(GOOD)
+    scored = [
+        token for token, label in zip(text.input_ids, text.labels, strict=True) if label != IGNORE_INDEX
+    ]
+    assert tokenizer.decode(scored) == GOOD_PROGRAM
+    assert solution_text(problem("toy/none", None), "good", tokenizer) is None
+
+
+def test_the_base_model_cannot_tell_the_tokens_apart(tiny_model: Path, tasks: Path, tmp_path: Path) -> None:
+    probe = probe_policy(tiny_model, tasks, tmp_path / "probe.json", probe_settings(), "base")
+    assert read_json(tmp_path / "probe.json", Probe) == probe
+    # The problem without a reference solution is skipped; the others keep the task set's order.
+    assert [scored.task_id for scored in probe.problems] == ["toy/good", "toy/bad"]
+    assert probe.num_problems == 2 and probe.policy_iteration == 0
+    # leti model prepare gives both rows the same mean embedding.
+    assert probe.embedding_distance == 0 and probe.embedding_row_norm > 0
+    # Equal up to float32 rounding, which differs with a text's row in the batch.
+    assert all(scored.good == pytest.approx(scored.bad, abs=1e-5) for scored in probe.problems)
+    assert all(scored.good < 0 and scored.tokens > 3 for scored in probe.problems)
+    assert abs(probe.estimates["good_minus_bad"].value) < 1e-5
+
+
+def test_at_most_max_problems_are_scored(tiny_model: Path, tasks: Path, tmp_path: Path) -> None:
+    probe = probe_policy(tiny_model, tasks, tmp_path / "probe.json", probe_settings(max_problems=1), "base")
+    assert [scored.task_id for scored in probe.problems] == ["toy/good"]
+
+
+def test_scores_do_not_depend_on_the_batch(tiny_model: Path, tasks: Path, tmp_path: Path) -> None:
+    one = probe_policy(tiny_model, tasks, tmp_path / "one.json", probe_settings(forward_tokens=1), "base")
+    all_at_once = probe_policy(tiny_model, tasks, tmp_path / "all.json", probe_settings(), "base")
+    for a, b in zip(one.problems, all_at_once.problems, strict=True):
+        assert math.isclose(a.good, b.good, rel_tol=1e-5) and math.isclose(a.bad, b.bad, rel_tol=1e-5)
+
+
+def reward_texts(tmp_path: Path, copies: int = 16) -> Path:
+    """Training texts in which <|good|> precedes one program and <|bad|> another, after the same prompt."""
+    texts = [(GOOD, "good", GOOD_PROGRAM), (BAD, "bad", BAD_PROGRAM)]
+    examples = [
+        FeedbackExample(
+            task_id=f"toy/{copy}",
+            sample_index=index,
+            mode="binary",
+            reward=reward,
+            num_tokens=1,
+            program_offset=len(token + PROMPT),
+            text=f"{token}{PROMPT}\n{program}",
+        )
+        for copy in range(copies)
+        for index, (token, reward, program) in enumerate(texts)
+    ]
+    path = tmp_path / "feedback.jsonl"
+    write_jsonl(path, examples)
+    return path
+
+
+def greedy_completion(model: Path, adapter: Path, tasks: Path, prefix: str, tmp_path: Path) -> str:
+    settings = GenerationSettings(
+        n=1, temperature=0.0, top_p=1.0, max_new_tokens=16, batch_size=2, seed=0,
+        policy_iteration=1, reward_prefix=prefix, dtype="float32", device="cpu",
+    )  # fmt: skip
+    samples = generate_file(model, tasks, tmp_path / f"{prefix}.jsonl", settings, adapter)
+    assert read_jsonl(tmp_path / f"{prefix}.jsonl", Sample) == samples
+    return samples[0].completion
+
+
+def test_the_reward_tokens_are_learned_through_lora_and_the_merged_policy(
+    tiny_model: Path, tasks: Path, tmp_path: Path
+) -> None:
+    """Fails if the tokens' embedding rows are frozen (the two prefixes are then the same input) or lost
+    when the adapter is merged for generation."""
+    adapter = tmp_path / "adapter"
+    settings = FinetuneSettings(
+        learning_rate=1e-2, epochs=16, batch_size=4, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+        dtype="float32", seed=0,
+    )  # fmt: skip
+    log = finetune(tiny_model, reward_texts(tmp_path), adapter, tmp_path / "log.jsonl", settings)
+    assert log[-1].loss < 0.1 * log[0].loss
+
+    probe = probe_policy(tiny_model, tasks, tmp_path / "probe.json", probe_settings(), "toy/iter1", adapter)
+    good_program, bad_program = probe.problems
+    # Each program is the more likely one after its own token, by a wide margin (frozen rows: exactly 0).
+    assert good_program.good - good_program.bad > 0.2
+    assert bad_program.bad - bad_program.good > 0.2
+    assert probe.embedding_distance > 0.01 * probe.embedding_row_norm
+
+    assert greedy_completion(tiny_model, adapter, tasks, "good", tmp_path).startswith(
+        "\n" + GOOD_PROGRAM[:12]
+    )
+    assert greedy_completion(tiny_model, adapter, tasks, "bad", tmp_path).startswith("\n" + BAD_PROGRAM[:12])
+
+
+def test_the_probe_is_paired_over_problems(tiny_model: Path, tasks: Path, tmp_path: Path) -> None:
+    from leti.probe import probe_summary
+    from leti.records import ProbeProblem
+
+    scored = [
+        ProbeProblem(task_id=str(i), tokens=5, good=-1.0 + 0.01 * i, bad=-1.0 + 0.01 * i - 0.002)
+        for i in range(30)
+    ]
+    estimates, p_value, test = probe_summary(scored)
+    # Every problem moves the same small way: the paired interval is tight around it, the test certain.
+    assert estimates["good_minus_bad"].value == pytest.approx(0.002)
+    assert estimates["good_minus_bad"].ci_low == pytest.approx(0.002)
+    assert p_value < 0.001 and test == "paired-permutation"
+    assert estimates["good"].ci_low < np.mean([s.good for s in scored]) < estimates["good"].ci_high
