@@ -15,6 +15,9 @@ rule summarize:
         ),
         error_types=report("results/plots/error_types.png", category="Summary", caption="report/error_types.rst"),
         loss=report("results/plots/training_loss.png", category="Summary", caption="report/training_loss.rst"),
+        reward_probe=report(
+            "results/plots/reward_probe.png", category="Summary", caption="report/reward_probe.rst"
+        ),
     params:
         train_logs=lambda wildcards, input: " ".join(f"--train-log {path}" for path in input.train_logs),
         probes=lambda wildcards, input: " ".join(f"--probe {path}" for path in input.probes),
@@ -31,4 +34,4 @@ rule summarize:
         "leti summarize {input.metrics} {params.train_logs} {params.probes} --csv {output.csv} "
         "--comparisons {output.comparisons} --pass-at-k-plot {output.pass_at_k} "
         "--sample-efficiency-plot {output.sample_efficiency} --error-types-plot {output.error_types} "
-        "--loss-plot {output.loss} > {log} 2>&1"
+        "--loss-plot {output.loss} --reward-probe-plot {output.reward_probe} > {log} 2>&1"

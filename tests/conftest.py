@@ -182,6 +182,7 @@ def tiny_pipeline_config(mbpp_path: Path, model_source: Path, iterations: int = 
     config["evaluate"].update(sampling, k=[1, 2], temperature=0.8, top_p=0.95)
     config["execute"]["timeout_s"] = 5
     config["finetune"].update(batch_size=2, lora_r=4, lora_alpha=8, dtype="float32", learning_rate=1e-2)
+    config["probe"] = {"tasks": ["mbpp/test"]}
     return config
 
 

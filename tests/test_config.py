@@ -319,3 +319,75 @@ def test_merged_config_files_name_the_file_that_set_a_bad_key(tmp_path: Path, mb
     with pytest.raises(ConfigError) as caught:
         load_config_file(REPO / "config.yaml", override)
     assert f"evaluate.n: Input should be greater than 0 (got 0)  [{override}:4]" in str(caught.value)
+
+
+def test_a_sweep_expands_into_one_named_arm_per_grid_point(raw_config: dict) -> None:
+    raw_config["experiments"] = {
+        "binary": {"feedback": "binary"},
+        "textual": {
+            "feedback": "textual",
+            "finetune": {"epochs": 2},
+            "sweep": [
+                {"learning_rate": [2.0e-5, 2.0e-4], "gradient_accumulation_steps": [1, 4]},
+                {"method": ["full"], "learning_rate": [1.0e-5]},
+                {"regularizer.ratio": [0.5]},
+            ],
+        },
+    }
+    config = load_config(raw_config)
+    assert list(config.experiments) == [
+        "binary",
+        "textual-lr2e-5-accum1",
+        "textual-lr2e-5-accum4",
+        "textual-lr2e-4-accum1",
+        "textual-lr2e-4-accum4",
+        "textual-full-lr1e-5",
+        "textual-ratio0p5",
+    ]
+    full = config.finetune_settings("textual-full-lr1e-5")
+    assert (full.method, full.learning_rate, full.epochs) == ("full", 1.0e-5, 2)
+    accumulated = config.finetune_settings("textual-lr2e-4-accum4")
+    assert (accumulated.method, accumulated.gradient_accumulation_steps, accumulated.epochs) == ("lora", 4, 2)
+    assert config.finetune_settings("textual-ratio0p5").regularizer.ratio == 0.5
+    assert all(
+        arm.feedback == "textual" and not arm.sweep
+        for name, arm in config.experiments.items()
+        if name != "binary"
+    )
+
+
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        ([{"learning_rat": [1.0e-4]}], "'learning_rat' is not a key of the finetune section"),
+        ([{"regularizer.ratioo": [1.0]}], "'regularizer.ratioo' is not a key of the finetune section"),
+        ([{"learning_rate": []}], "List should have at least 1 item"),
+        ([{}], "a grid names at least one finetune key"),
+        (
+            [{"learning_rate": [-1.0]}],
+            "experiments.textual-lr-1p0.finetune.learning_rate: Input should be greater than 0",
+        ),
+        ([{"lora_target_modules": ["q_proj k_proj"]}], "cannot be part of an arm name"),
+    ],
+)
+def test_a_bad_sweep_is_named(raw_config: dict, sweep: list, expected: str) -> None:
+    raw_config["experiments"]["textual"]["sweep"] = sweep
+    assert expected in config_error(raw_config)
+
+
+def test_a_swept_arm_may_not_take_another_arms_name(raw_config: dict) -> None:
+    raw_config["experiments"]["textual-lr1e-4"] = {"feedback": "binary"}
+    raw_config["experiments"]["textual"]["sweep"] = [{"learning_rate": [1.0e-4]}]
+    assert "its sweep makes an arm textual-lr1e-4, and that name is taken" in config_error(raw_config)
+
+
+def test_the_probe_covers_the_evaluated_task_sets_unless_told(raw_config: dict) -> None:
+    config = load_config(raw_config)
+    assert config.probed_task_sets() == ["mbpp/test", "humaneval/test"]
+    raw_config["probe"] = {"tasks": ["mbpp/validation"], "max_problems": 10}
+    config = load_config(raw_config)
+    assert config.probed_task_sets() == ["mbpp/validation"]
+    assert "mbpp/validation" in config.used_task_sets()
+    assert config.probe_settings().max_problems == 10
+    raw_config["probe"] = {"tasks": ["mbpp/nope"]}
+    assert "probe.tasks: unknown task set 'mbpp/nope'" in config_error(raw_config)

@@ -16,7 +16,7 @@ from leti.eae import argument_counts, argument_scores, load_eae
 from leti.eae_ontology import EaeSourceError, load_ontology, python_name
 from leti.execute import to_execution
 from leti.io import read_json, read_jsonl
-from leti.records import Execution, ExecutionStatus, Metrics, Problem, Sample, SandboxImage
+from leti.records import Execution, ExecutionStatus, Metrics, Probe, Problem, Sample, SandboxImage
 from leti.sandbox import open_pool, run_programs
 from leti.tasks import GENEVA_SPLIT_FILES, load_task_set
 
@@ -502,6 +502,7 @@ def test_a_custom_eae_dataset_runs_end_to_end(tmp_path: Path, mbpp_path: Path, t
     config["generate"]["tasks"] = "ace/train"
     config["evaluate"]["tasks"] = ["ace/test"]
     config["evaluate"]["reward_prefix"] = "good"
+    config["probe"]["tasks"] = ["ace/test"]
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -525,3 +526,9 @@ def test_a_custom_eae_dataset_runs_end_to_end(tmp_path: Path, mbpp_path: Path, t
         assert set(metrics.task_metrics) == {
             f"arg_{level}_{score}" for level in "ic" for score in ("precision", "recall", "f1")
         }
+    # Its reference solutions (the gold arguments) are what the reward-token probe scores.
+    probe = read_json(workdir / "results/textual/iter1/probe/ace/test/probe.json", Probe)
+    assert (
+        probe.num_problems == 2
+        and probe.estimates["good_minus_bad"].ci_low <= probe.estimates["good_minus_bad"].value
+    )

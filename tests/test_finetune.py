@@ -429,3 +429,46 @@ def test_bfloat16_weights_train_float32_adapters(
     assert last < 0.8 * first
     weights = adapter_weights(tmp_path / "adapter")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+
+
+def model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_the_whole_model(
+    tiny_model: Path, feedback_file: Path, tmp_path: Path
+) -> None:
+    from leti.generate import load_policy as load_for_generation
+
+    first = tmp_path / "iter1"
+    log = finetune(
+        tiny_model, feedback_file, first, tmp_path / "log1.jsonl", settings(method="full", learning_rate=1e-3)
+    )
+    assert log[-1].loss < log[0].loss
+    assert not (first / "adapter_config.json").exists()
+    base, trained = model_weights(tiny_model), model_weights(first)
+    assert trained.keys() == base.keys()
+    assert all(not torch.equal(trained[name], base[name]) for name in base)
+
+    # Generation runs the saved model as it is, with the base model's tokenizer.
+    policy, _ = load_for_generation(tiny_model, first, "float32", "cpu")
+    assert all(
+        torch.equal(parameter, trained[name])
+        for name, parameter in policy.state_dict().items()
+        if name in trained
+    )
+
+    # Iteration 2 starts from it: with a vanishing learning rate it saves what it started from.
+    second = tmp_path / "iter2"
+    finetune(
+        tiny_model,
+        feedback_file,
+        second,
+        tmp_path / "log2.jsonl",
+        settings(method="full", learning_rate=1e-12, weight_decay=0),
+        previous_adapter=first,
+    )
+    again = model_weights(second)
+    assert all(torch.allclose(again[name], trained[name], atol=1e-8) for name in trained)

@@ -11,11 +11,17 @@ import yaml
 from conftest import planned_jobs, run_snakemake
 
 from leti.io import read_json, read_jsonl
-from leti.records import Execution, FeedbackExample, Metrics, Problem, Sample, TrainStep
+from leti.records import Execution, FeedbackExample, Metrics, Probe, Problem, Sample, TrainStep
 
 pytestmark = pytest.mark.slow
 
-FIGURES = ("pass_at_k.png", "sample_efficiency.png", "error_types.png", "training_loss.png")
+FIGURES = (
+    "pass_at_k.png",
+    "sample_efficiency.png",
+    "error_types.png",
+    "training_loss.png",
+    "reward_probe.png",
+)
 TRAINED = [f"{arm}/iter{i}" for arm in ("binary", "textual") for i in (1, 2)]
 EVAL_SETS = ("humaneval/test", "mbpp/test")
 
@@ -57,6 +63,14 @@ def test_the_tiny_pipeline_runs_end_to_end(tiny_workflow: Path) -> None:
                     assert set(metrics.pass_at_k) == {"pass@1", "pass@2"}
                     assert len(metrics.problems) == metrics.num_problems
 
+    # Every policy's reward-token probe on the probed task set: all its problems have a reference.
+    for policy in ["base", *TRAINED]:
+        probe = read_json(results / policy / "probe" / "mbpp" / "test" / "probe.json", Probe)
+        assert (probe.policy, probe.num_problems, len(probe.problems)) == (policy, 3, 3)
+        assert set(probe.estimates) == {"good", "bad", "good_minus_bad"}
+        assert (probe.embedding_distance == 0) == (policy == "base")
+    assert not (results / "base" / "probe" / "humaneval").exists()
+
     summary = pd.read_csv(results / "summary.csv")
     assert set(summary["experiment"]) == {"textual", "binary"}
     assert set(summary["iteration"]) == {0, 1, 2}
@@ -69,7 +83,11 @@ def test_the_tiny_pipeline_runs_end_to_end(tiny_workflow: Path) -> None:
     # One comparison per metric of: every trained policy and prefix vs the base model, the two arms
     # at each iteration and prefix, and good vs bad for every trained policy; on every task set.
     comparisons = pd.read_csv(results / "comparisons.csv")
-    assert set(comparisons["metric"]) == {"pass@1", "pass@2"}
+    assert set(comparisons["metric"]) == {"pass@1", "pass@2", "loglik_per_token"}
+    probed = comparisons[comparisons["metric"] == "loglik_per_token"]
+    assert sorted(probed[["kind", "policy_a"]].itertuples(index=False, name=None)) == sorted(
+        [("probe_good_vs_bad", p) for p in ["base", *TRAINED]] + [("probe_vs_base", p) for p in TRAINED]
+    )
     pairs = comparisons[comparisons["metric"] == "pass@1"]
     expected = (
         [("vs_base", p, x, "base", "none", t) for p in TRAINED for x in ("good", "bad") for t in EVAL_SETS]

@@ -85,6 +85,26 @@ def test_scores_do_not_depend_on_the_batch(tiny_model: Path, tasks: Path, tmp_pa
         assert math.isclose(a.good, b.good, rel_tol=1e-5) and math.isclose(a.bad, b.bad, rel_tol=1e-5)
 
 
+def test_scores_are_the_models_own_log_likelihoods(tiny_model: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from leti.probe import mean_log_likelihoods
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    text = solution_text(problem("toy/good", GOOD_PROGRAM), "bad", tokenizer)
+    [(score, tokens)] = mean_log_likelihoods(model, [text], 1024, tokenizer.eos_token_id)
+    with torch.no_grad():
+        logits = model(torch.tensor([text.input_ids])).logits[0, :-1]
+    per_token = torch.log_softmax(logits.float(), dim=-1).gather(
+        1, torch.tensor(text.input_ids[1:])[:, None]
+    )[:, 0]
+    scored = torch.tensor(text.labels[1:]) != IGNORE_INDEX
+    assert tokens == int(scored.sum())
+    assert score == pytest.approx(per_token[scored].mean().item(), rel=1e-5)
+
+
 def reward_texts(tmp_path: Path, copies: int = 16) -> Path:
     """Training texts in which <|good|> precedes one program and <|bad|> another, after the same prompt."""
     texts = [(GOOD, "good", GOOD_PROGRAM), (BAD, "bad", BAD_PROGRAM)]

@@ -12,13 +12,25 @@ from leti.config import MetricsSettings
 from leti.evaluate import compute_metrics
 from leti.io import write_json, write_jsonl
 from leti.plots import error_types_figure
-from leti.records import Execution, ExecutionStatus, FeedbackExample, Metrics, Problem, Sample, TrainStep
+from leti.probe import probe_summary
+from leti.records import (
+    Execution,
+    ExecutionStatus,
+    FeedbackExample,
+    Metrics,
+    Probe,
+    ProbeProblem,
+    Problem,
+    Sample,
+    TrainStep,
+)
 from leti.report import (
     SUMMARY_COLUMNS,
     SummaryOutputs,
     markdown_table,
     outcome_table,
     pass_at_k_table,
+    probe_table,
     read_metrics,
     rule_times,
     share_table,
@@ -96,9 +108,13 @@ def summarize_into(results: Path, folder: Path) -> tuple[pd.DataFrame, SummaryOu
         sample_efficiency_png=folder / "efficiency.png",
         error_types_png=folder / "errors.png",
         loss_png=folder / "loss.png",
+        reward_probe_png=folder / "probe.png",
     )
     summary = summarize(
-        sorted(results.glob("**/metrics.json")), sorted(results.glob("**/train_log.jsonl")), outputs
+        sorted(results.glob("**/metrics.json")),
+        sorted(results.glob("**/train_log.jsonl")),
+        outputs,
+        sorted(results.glob("**/probe.json")),
     )
     return summary, outputs
 
@@ -106,6 +122,7 @@ def summarize_into(results: Path, folder: Path) -> tuple[pd.DataFrame, SummaryOu
 def test_summary_has_one_row_per_arm_iteration_dataset_and_metric(results: Path, tmp_path: Path) -> None:
     summary, outputs = summarize_into(results, tmp_path)
     plots = [outputs.pass_at_k_png, outputs.sample_efficiency_png, outputs.error_types_png, outputs.loss_png]
+    plots.append(outputs.reward_probe_png)
     assert all(plot.read_bytes().startswith(PNG_MAGIC) for plot in plots)
     written = pd.read_csv(outputs.csv)
     assert list(written.columns) == SUMMARY_COLUMNS
@@ -174,6 +191,64 @@ def test_good_and_bad_prefixes_are_compared_per_policy(results: Path, tmp_path: 
     # The bad-prefix evaluation is a row of its own in the pass@k table and a column of its own by outcome.
     assert len(pass_at_k_table(summary)) == 5
     assert "textual/iter1 <bad>" in outcome_table(summary).columns
+
+
+def probe(policy: str, shift: float, problems: int = 12) -> Probe:
+    """A probe in which every problem's solution is `shift` nats/token more likely after <|good|>."""
+    scored = [
+        ProbeProblem(
+            task_id=f"mbpp/{index}", tokens=20, good=-1.0 + 0.01 * index + shift, bad=-1.0 + 0.01 * index
+        )
+        for index in range(problems)
+    ]
+    estimates, p_value, test = probe_summary(scored)
+    return Probe(
+        dataset="mbpp", split="test", policy=policy, policy_iteration=0 if policy == "base" else 1,
+        num_problems=problems, embedding_distance=10 * shift, embedding_row_norm=0.5,
+        estimates=estimates, p_value=p_value, test=test, problems=scored,
+    )  # fmt: skip
+
+
+def test_probes_are_summarised_and_compared(results: Path, tmp_path: Path) -> None:
+    for policy, shift in [("base", 0.0), ("textual/iter1", 0.01), ("binary/iter1", 0.002)]:
+        write_json(results / policy / "probe" / "mbpp" / "test" / "probe.json", probe(policy, shift))
+    summary, outputs = summarize_into(results, tmp_path)
+    written = pd.read_csv(outputs.csv)
+    probed = written[(written["purpose"] == "probe") & (written["metric"] == "probe:good_minus_bad")]
+    assert probed.set_index(["experiment", "policy"])["value"].round(6).to_dict() == {
+        ("binary", "base"): 0.0,
+        ("textual", "base"): 0.0,
+        ("binary", "binary/iter1"): 0.002,
+        ("textual", "textual/iter1"): 0.01,
+    }
+    assert written.loc[written["metric"] == "probe:embedding_distance", "value"].max() == pytest.approx(0.1)
+    # The probe's rows leave the evaluation tables alone.
+    assert len(pass_at_k_table(summary)) == 4
+
+    comparisons = pd.read_csv(outputs.comparisons)
+    rows = comparisons[comparisons["metric"] == "loglik_per_token"]
+    assert rows[["kind", "policy_a", "reward_prefix_a", "policy_b", "reward_prefix_b"]].values.tolist() == [
+        ["probe_good_vs_bad", "base", "good", "base", "bad"],
+        ["probe_good_vs_bad", "binary/iter1", "good", "binary/iter1", "bad"],
+        ["probe_good_vs_bad", "textual/iter1", "good", "textual/iter1", "bad"],
+        ["probe_vs_base", "binary/iter1", "good", "base", "good"],
+        ["probe_vs_base", "textual/iter1", "good", "base", "good"],
+    ]
+    textual = rows[(rows["kind"] == "probe_good_vs_bad") & (rows["policy_a"] == "textual/iter1")].iloc[0]
+    assert textual["difference"] == pytest.approx(0.01)
+    assert textual["p_value"] < 0.01 and textual["num_problems"] == 12
+    assert rows.iloc[0]["p_value"] == 1.0
+    assert outputs.reward_probe_png.read_bytes().startswith(PNG_MAGIC)
+
+    table = probe_table(summary)
+    assert table["policy"].tolist() == ["base", "binary/iter1", "textual/iter1"]
+    assert table.loc[2, "good - bad (nats/token)"].startswith("+0.0100 [+0.0100, +0.0100]")
+    assert table.loc[2, "embedding distance / row norm"] == pytest.approx(0.2)
+    shown = leti("summary", str(results), "--markdown")
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        "reward-token probe" in shown.stdout and "| mbpp/test | textual/iter1 | 12 | +0.0100" in shown.stdout
+    )
 
 
 def test_a_policy_not_evaluated_on_a_task_set_is_no_column_of_zeros(results: Path) -> None:

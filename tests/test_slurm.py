@@ -73,7 +73,7 @@ def slurm_workflow(tiny_workflow: Path) -> Path:
     config["device"] = "cpu"
     config["resources"] = {
         rule: dict(SMALL_JOB)
-        for rule in ("default", "prepare_model", "build_sandbox", "generate", "execute", "finetune")
+        for rule in ("default", "prepare_model", "build_sandbox", "generate", "execute", "finetune", "probe")
     }
     config_path.write_text(yaml.safe_dump(config))
     return tiny_workflow

@@ -344,18 +344,25 @@ def summarize(
     sample_efficiency_plot: OutputPath,
     error_types_plot: OutputPath,
     loss_plot: OutputPath,
+    reward_probe_plot: OutputPath,
     train_log: Annotated[list[Path] | None, typer.Option(exists=True, dir_okay=False)] = None,
     probe: Annotated[
         list[Path] | None, typer.Option(exists=True, dir_okay=False, help="probe.json files.")
     ] = None,
 ) -> None:
     """Aggregate metrics and reward-token probes into summary.csv and comparisons.csv, and plot
-    pass@k, sample efficiency, error types and training loss."""
+    pass@k, sample efficiency, error types, training loss and the reward probe."""
     from leti.report import SummaryOutputs
     from leti.report import summarize as write_summary
 
     outputs = SummaryOutputs(
-        csv, comparisons, pass_at_k_plot, sample_efficiency_plot, error_types_plot, loss_plot
+        csv,
+        comparisons,
+        pass_at_k_plot,
+        sample_efficiency_plot,
+        error_types_plot,
+        loss_plot,
+        reward_probe_plot,
     )
     table = write_summary(metrics, train_log or [], outputs, probe or [])
     stderr.print(f"{len(table)} rows -> {csv}; comparisons -> {comparisons}")

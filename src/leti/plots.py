@@ -1,4 +1,5 @@
-"""The summary's figures: pass@k by iteration, sample efficiency, outcome shares, training loss."""
+"""The summary's figures: pass@k by iteration, sample efficiency, outcome shares, training loss, and
+each policy against the base model beside its reward-token probe."""
 
 from __future__ import annotations
 
@@ -127,6 +128,51 @@ def error_types_figure(summary: pd.DataFrame):
         # Outside the panels, right of the figure; savefig's tight box takes it in.
         figure.legend(handles, order, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     return figure
+
+
+# The panels of the reward-probe figure: (comparison kind, metric, what the axis shows).
+PROBE_PANELS = (
+    ("vs_base", "pass@1", "pass@1 - base"),
+    ("probe_good_vs_bad", "loglik_per_token", "probe: good - bad (nats/token)"),
+    ("probe_vs_base", "loglik_per_token", "probe: good - base (nats/token)"),
+)
+
+
+def plot_reward_probe(comparisons: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Per trained policy, with 95% CIs: pass@1 against the base model (under <|good|>), the probe's
+    good - bad, and the reference solutions' likelihood against the base model's. With the arms of a
+    sweep, this is the sweep's curve: what each setting costs against what its reward token learned."""
+    rows = comparisons[comparisons["policy_a"] != BASE_POLICY]
+    rows = rows[(rows["kind"] != "vs_base") | (rows["reward_prefix_a"] == "good")]
+    panels = [
+        (kind, metric, label, dataset, split)
+        for kind, metric, label in PROBE_PANELS
+        for dataset, split in sorted(
+            set(
+                rows.loc[
+                    (rows["kind"] == kind) & (rows["metric"] == metric), ["dataset", "split"]
+                ].itertuples(index=False)
+            )
+        )
+    ]
+    policies = sorted(set(rows["policy_a"]), reverse=True)
+    figure, axes = plt.subplots(
+        1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 1.2 + 0.35 * max(len(policies), 1)),
+        squeeze=False, sharey=True,
+    )  # fmt: skip
+    for axis, (kind, metric, label, dataset, split) in zip(axes[0], panels, strict=False):
+        panel = rows[
+            (rows["kind"] == kind)
+            & (rows["metric"] == metric)
+            & (rows["dataset"] == dataset)
+            & (rows["split"] == split)
+        ]
+        panel = panel.set_index("policy_a").reindex(policies)
+        errors = [panel["difference"] - panel["ci_low"], panel["ci_high"] - panel["difference"]]
+        axis.errorbar(panel["difference"], range(len(policies)), xerr=errors, fmt="o", capsize=3)
+        axis.axvline(0, color="grey", linewidth=0.8)
+        axis.set(title=f"{dataset}/{split}", xlabel=label, yticks=range(len(policies)), yticklabels=policies)
+    _save(figure, path)
 
 
 def plot_training_loss(logs: pd.DataFrame, path: str | os.PathLike[str]) -> None:

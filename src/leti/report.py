@@ -206,6 +206,37 @@ def pass_at_k_table(summary: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index().rename_axis(columns=None).fillna("-")
 
 
+def probe_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per probed policy and task set: the reward-token probe's good - bad with its CI and
+    p-value, the likelihood after <|good|>, and how far apart the two tokens' embedding rows are."""
+    probes = summary[summary["purpose"] == "probe"].drop_duplicates(["policy", "dataset", "split", "metric"])
+    if probes.empty:
+        return pd.DataFrame()
+    cells = probes.assign(
+        tasks=probes["dataset"] + "/" + probes["split"],
+        cell=[
+            with_ci(*row, number="+.4f")
+            for row in probes[["value", "ci_low", "ci_high"]].itertuples(index=False)
+        ],
+    ).pivot_table(index=["tasks", "policy"], columns="metric", values="cell", aggfunc="first")
+    values = probes.assign(tasks=probes["dataset"] + "/" + probes["split"]).pivot_table(
+        index=["tasks", "policy"], columns="metric", values="value", aggfunc="first"
+    )
+    table = pd.DataFrame(
+        {
+            "problems": values["num_problems"].astype(int),
+            "good - bad (nats/token)": cells.get(f"{PROBE_PREFIX}good_minus_bad"),
+            "p": values.get(f"{PROBE_PREFIX}p_value"),
+            "after good": cells.get(f"{PROBE_PREFIX}good"),
+            "embedding distance / row norm": (
+                values[f"{PROBE_PREFIX}embedding_distance"] / values[f"{PROBE_PREFIX}embedding_row_norm"]
+            ),
+        }
+    )
+    order = sorted(table.index, key=lambda key: (key[0], *_policy_order(key[1])))
+    return table.loc[order].reset_index().fillna("-")
+
+
 def outcome_rows(summary: pd.DataFrame) -> pd.DataFrame:
     """The evaluations' outcome counts, with the outcome's name in an `outcome` column."""
     outcomes = evaluations(summary)
@@ -325,13 +356,21 @@ def summarize(
     probe_paths: Sequence[str | os.PathLike[str]] = (),
 ) -> pd.DataFrame:
     from leti.io import write_csv
-    from leti.plots import plot_error_types, plot_pass_at_k, plot_sample_efficiency, plot_training_loss
+    from leti.plots import (
+        plot_error_types,
+        plot_pass_at_k,
+        plot_reward_probe,
+        plot_sample_efficiency,
+        plot_training_loss,
+    )
 
     documents = read_metrics(metrics_paths)
     probes = read_probes(probe_paths)
     summary = summary_table(documents, train_log_paths, probes)
+    comparisons = comparisons_table(documents, probes)
     write_csv(outputs.csv, summary)
-    write_csv(outputs.comparisons, comparisons_table(documents, probes))
+    write_csv(outputs.comparisons, comparisons)
+    plot_reward_probe(comparisons, outputs.reward_probe_png)
     plot_pass_at_k(summary, outputs.pass_at_k_png)
     plot_sample_efficiency(summary, outputs.sample_efficiency_png)
     plot_error_types(summary, outputs.error_types_png)
@@ -349,6 +388,7 @@ class SummaryOutputs:
     sample_efficiency_png: Path
     error_types_png: Path
     loss_png: Path
+    reward_probe_png: Path
 
 
 # --- looking inside one artifact
@@ -454,11 +494,12 @@ def _print_metrics(metrics: Metrics, console: Console) -> None:
 
 def print_summary(results: str | os.PathLike[str], output: TableOutput) -> None:
     """Every metrics.json under `results`: pass@k with CIs by arm, iteration and reward prefix,
-    the outcome counts and shares, and the paired comparisons (`comparisons.csv` when the
+    the outcome counts and shares, the reward-token probes, and the paired comparisons (`comparisons.csv` when the
     workflow wrote one, else computed here)."""
     root = Path(results)
     documents = metrics_under(root)
-    summary = summary_table(documents, sorted(root.glob("**/train_log.jsonl")))
+    probes = read_probes(sorted(root.glob("**/probe.json")))
+    summary = summary_table(documents, sorted(root.glob("**/train_log.jsonl")), probes)
     output.table(pass_at_k_table(summary), "pass@k with 95% CIs (steps: optimizer steps so far)")
     for table, title in [
         (outcome_table(summary), "samples by outcome"),
@@ -467,8 +508,11 @@ def print_summary(results: str | os.PathLike[str], output: TableOutput) -> None:
         # A task set's tables show the policies evaluated on it.
         for tasks, rows in table.groupby("tasks", sort=False):
             output.table(rows.drop(columns="tasks").dropna(axis=1, how="all"), f"{tasks}: {title}")
+    if probes:
+        title = "reward-token probe: reference solutions' log-likelihood per token, 95% CIs"
+        output.table(probe_table(summary), title, "{:.4f}")
     saved = root / "comparisons.csv"
-    comparisons = pd.read_csv(saved) if saved.is_file() else comparisons_table(documents)
+    comparisons = pd.read_csv(saved) if saved.is_file() else comparisons_table(documents, probes)
     if not comparisons.empty:
         output.table(comparison_view(comparisons), "paired comparisons: a - b on the same problems")
 
