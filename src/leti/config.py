@@ -71,7 +71,7 @@ class DataConfig(Section):
     eae: dict[Name, EaeDataset] = Field(
         default_factory=dict,
         description="Your own event argument extraction data: {dataset: {ontology: path, splits: {split: "
-        "path.jsonl}}}, OneIE JSONL; see README.",
+        "path.jsonl}}}, OneIE JSONL; see docs/eae.md.",
     )
     eae_strict: bool = Field(
         default=False,
@@ -343,7 +343,7 @@ class ExperimentConfig(Section):
     train_on: TrainOn = Field(
         default="all",
         description='A departure: "passed" makes training texts of the passing rollouts only, as rejection-'
-        "sampling fine-tuning does; the reference trains on every rollout (README, Departures).",
+        "sampling fine-tuning does; the reference trains on every rollout (docs/departures.md).",
     )
     finetune: dict[str, Any] = Field(
         default_factory=dict,
@@ -523,7 +523,7 @@ class Config(Section):
     device: Device = Field(
         default="auto",
         description="Where generation and fine-tuning run: auto (a CUDA GPU if the job sees one), cpu or "
-        "cuda. Only cuda makes generate and finetune jobs ask a cluster for GPUs.",
+        "cuda. Only cuda makes generate, finetune and probe jobs ask a cluster for GPUs.",
     )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -4,7 +4,7 @@ and the Arg-I / Arg-C metric of one sample.
 One problem per event mention. The prompt defines the ontology as Python classes and asks for an
 instance of the event's class; the model writes its keyword arguments (role lines) and the closing
 parenthesis; `test_code` is the verifier of `leti.eae_verifier` with the gold arguments baked in.
-README, "Event argument extraction (GENEVA)", shows a whole prompt.
+docs/eae.md shows a whole prompt.
 
 GENEVA (Parekh et al., ACL 2023) is CC BY 3.0; see `leti.tasks` for where it comes from.
 """

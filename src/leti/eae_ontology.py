@@ -1,6 +1,6 @@
 """The ontology of event argument extraction: event types with their roles and the entity types those
 roles accept, read from GENEVA's event_ontology.json or from a user's ontology file, and named as the
-Python classes the prompts define (README, "Event argument extraction (GENEVA)").
+Python classes the prompts define (docs/eae.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ them. The same `normalise_span` scores samples in `leti.eae.argument_counts`, so
 metric agree on what a matching span is.
 
 The messages are the reference's (xingyaoww/LeTI, leti/verifier/eae), matched on text spans instead of
-spaCy head words. `strict` adds two checks the reference lacks (README, "Event argument extraction").
+spaCy head words. `strict` adds two checks the reference lacks (docs/eae.md).
 """
 
 

@@ -69,7 +69,7 @@ class MbppRow(BaseModel):
 
 
 class CustomRow(BaseModel):
-    """One line of a user's problem file. See README, "Bring your own problems"."""
+    """One line of a user's problem file. See docs/configuration.md, "Bring your own problems"."""
 
     model_config = ConfigDict(extra="forbid")
 
