@@ -30,8 +30,8 @@ from transformers import GenerationConfig
 
 from leti.config import GenerationSettings
 from leti.generate import Decoder, Request, load_policy, stop_index
-from leti.model import prepare_model
-from leti.tasks import load_task_set
+from leti.model.sources import prepare_model
+from leti.tasks.sources import load_task_set
 
 DEFAULT_MODEL = Path("resources/models/base")
 SHARED_MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
@@ -122,7 +122,7 @@ class HfBench:
             }
         self.config = {
             "max_new_tokens": settings.max_new_tokens,
-            "eos_token_id": sorted(decoder.end_ids),
+            "eos_token_id": sorted(decoder.end.end_ids),
             "pad_token_id": decoder.pad_id,
             "stop_strings": requests[0].problem.stop_sequences,
             **sampling,
@@ -179,7 +179,7 @@ class HfBench:
         """Tokens up to and including the end token or the token that completes a stop sequence:
         what leti counts as a sample's completion_tokens. Later positions are HF's padding."""
         for length, token in enumerate(row, start=1):
-            if token in self.decoder.end_ids:
+            if token in self.decoder.end.end_ids:
                 return length
             text = request.lead + self.decoder.tokenizer.decode(row[:length], skip_special_tokens=False)
             if stop_index(text, request.problem.stop_sequences) is not None:

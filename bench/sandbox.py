@@ -30,7 +30,7 @@ from leti.sandbox import open_pool, run_programs
 from leti.sandbox.base import dispatcher_limits
 from leti.sandbox.docker_pool import SCRATCH
 from leti.sandbox.image import build_image
-from leti.tasks import load_task_set
+from leti.tasks.sources import load_task_set
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-
 def training_texts(model: str, mbpp: str, problems: int, output: Path) -> int:
     from leti.feedback import gold_examples, text_tokenizer
     from leti.io import write_jsonl
-    from leti.tasks import load_task_set
+    from leti.tasks.sources import load_task_set
 
     tokenizer = text_tokenizer(model)
     problem_set = load_task_set("mbpp", "train", mbpp, problems)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from leti.config import ConfigError, FeedbackSettings, load_config
 from leti.layout import POLICY_PATTERN, PURPOSE_PATTERN, eval_purpose, parse_policy, parse_purpose, policy_name
-from leti.model import resolve_source
-from leti.tasks import GENEVA_ONTOLOGY, GENEVA_SHA256, GENEVA_SPLIT_FILES
+from leti.model.sources import resolve_source
+from leti.tasks.sources import GENEVA_ONTOLOGY, GENEVA_SHA256, GENEVA_SPLIT_FILES
 
 GENEVA_DOWNLOAD_DIR = "resources/data/geneva"
 

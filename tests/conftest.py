@@ -20,7 +20,7 @@ SHARED_GENEVA = REPO.parent / "shared" / "data" / "geneva"
 @pytest.fixture(scope="session")
 def mbpp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A verified MBPP file: $LETI_MBPP_PATH, the shared copy, or a fresh download."""
-    from leti.tasks import download_mbpp
+    from leti.tasks.sources import download_mbpp
 
     for candidate in (os.environ.get("LETI_MBPP_PATH"), SHARED_MBPP):
         if candidate and Path(candidate).is_file():
@@ -31,7 +31,7 @@ def mbpp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def geneva_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A verified GENEVA folder (CC BY 3.0): $LETI_GENEVA_DIR, the shared copy, or a fresh download."""
-    from leti.tasks import download_geneva
+    from leti.tasks.sources import download_geneva
 
     for candidate in (os.environ.get("LETI_GENEVA_DIR"), SHARED_GENEVA):
         if candidate and (Path(candidate) / "meta_data" / "event_ontology.json").is_file():
@@ -98,7 +98,7 @@ def workdir(tmp_path: Path, mbpp_path: Path) -> Path:
 def write_heldout_tasks(folder: Path, mbpp_path: Path) -> None:
     """data/mbpp-heldout.jsonl in `folder`, as the header of configs/heldout.yaml says to make it."""
     from leti.io import write_jsonl
-    from leti.tasks import mbpp_heldout
+    from leti.tasks.sources import mbpp_heldout
 
     write_jsonl(folder / "data" / "mbpp-heldout.jsonl", mbpp_heldout(mbpp_path, rollout_problems=64))
 
@@ -163,7 +163,7 @@ def tiny_raw_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_raw_model: Path) -> Path:
     """The tiny model as `leti model prepare` leaves it: LETI tokens added, new rows initialised."""
-    from leti.model import prepare_model
+    from leti.model.sources import prepare_model
 
     prepared = tiny_raw_model.parent / "prepared"
     prepare_model(str(tiny_raw_model), prepared)

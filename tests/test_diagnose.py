@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from leti.diagnose import DIAGNOSIS_COLUMNS, diagnose_samples
+from leti.analysis.diagnose import DIAGNOSIS_COLUMNS, diagnose_samples
 from leti.io import ArtifactError, write_jsonl
 from leti.records import Execution, ExecutionStatus, Problem, Sample
 

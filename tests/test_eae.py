@@ -12,13 +12,13 @@ import yaml
 from conftest import run_snakemake, tiny_pipeline_config
 
 from leti.config import ExecuteConfig
-from leti.eae import argument_counts, argument_scores, load_eae
-from leti.eae_ontology import EaeSourceError, load_ontology, python_name
 from leti.execute import to_execution
 from leti.io import read_json, read_jsonl
 from leti.records import Execution, ExecutionStatus, Metrics, Probe, Problem, Sample, SandboxImage
 from leti.sandbox import open_pool, run_programs
-from leti.tasks import GENEVA_SPLIT_FILES, load_task_set
+from leti.tasks.eae.ontology import EaeSourceError, load_ontology, python_name
+from leti.tasks.eae.source import argument_counts, argument_scores, load_eae
+from leti.tasks.sources import GENEVA_SPLIT_FILES, load_task_set
 
 # A hand-made ACE-like ontology with entity types, in the user format (README).
 ONTOLOGY = {

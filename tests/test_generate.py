@@ -32,9 +32,9 @@ from leti.generate import (
     stop_index,
 )
 from leti.io import read_jsonl, write_jsonl
-from leti.model import prepare_model
+from leti.model.sources import prepare_model
+from leti.model.tokens import GOOD
 from leti.records import Problem, Sample
-from leti.special_tokens import GOOD
 
 CORPUS = '''"""
 Write a function to add two numbers.
@@ -179,7 +179,7 @@ def test_greedy_matches_plain_generate(base_model: Path) -> None:
     problems = [problem(i, prompt) for i, prompt in enumerate(PROMPTS)]
     samples = run(base_model, problems, temperature=0.0, n=1, batch_size=3, max_new_tokens=16)
     model, tokenizer = load_policy(base_model, None, "float32")
-    end_ids = sorted(Decoder(model, tokenizer, settings()).end_ids)
+    end_ids = sorted(Decoder(model, tokenizer, settings()).end.end_ids)
     for item, sample in zip(problems, samples, strict=True):
         model_input = policy_input(item, "good")
         ids = tokenizer(model_input.text, return_tensors="pt")["input_ids"]
@@ -252,9 +252,9 @@ def test_an_end_token_ends_the_sample_and_is_not_text(base_model: Path) -> None:
     decoder = Decoder(model, tokenizer, settings(temperature=0.0, n=1, max_new_tokens=16))
     requests = decoder.requests([problem(0, PROMPTS[0])])
     ids = torch.tensor([requests[0].prompt_ids])
-    config = GenerationConfig(do_sample=False, max_new_tokens=4, eos_token_id=sorted(decoder.end_ids))
+    config = GenerationConfig(do_sample=False, max_new_tokens=4, eos_token_id=sorted(decoder.end.end_ids))
     tokens = model.generate(ids, generation_config=config)[0, ids.shape[1] :].tolist()
-    decoder.end_ids.add(tokens[3])
+    decoder.end.end_ids.add(tokens[3])
     ended = decoder.run(requests)[0]
     assert ended.finish_reason == "eos"
     assert ended.completion == "\n" + tokenizer.decode(tokens[: tokens.index(tokens[3])])

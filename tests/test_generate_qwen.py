@@ -14,9 +14,9 @@ import pytest
 from leti.config import GenerationSettings
 from leti.generate import generate_file
 from leti.io import read_jsonl, write_jsonl
-from leti.model import prepare_model
+from leti.model.sources import prepare_model
 from leti.records import Sample
-from leti.tasks import MbppRow, mbpp_problem, with_departures
+from leti.tasks.sources import MbppRow, mbpp_problem, with_departures
 
 # MBPP test problems 17 and 12, verbatim.
 ROWS = [

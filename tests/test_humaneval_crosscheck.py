@@ -13,7 +13,7 @@ from leti.evaluate import compute_metrics
 from leti.execute import run_stage
 from leti.io import read_jsonl, write_json, write_jsonl
 from leti.records import Execution, Sample
-from leti.tasks import load_task_set
+from leti.tasks.sources import load_task_set
 
 WRONG = "    return None\n"
 BROKEN = "    return (\n"

@@ -18,8 +18,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from leti import model as leti_model
-from leti.model import (
+from leti.model import sources as leti_model
+from leti.model.sources import (
     ModelSourceError,
     PypiGguf,
     WheelPart,
@@ -28,7 +28,7 @@ from leti.model import (
     prepare_model,
     resolve_source,
 )
-from leti.special_tokens import LETI_SPECIAL_TOKENS
+from leti.model.tokens import LETI_SPECIAL_TOKENS
 
 CORPUS = '''def add(a, b):
     """Return the sum of a and b."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from leti.own_tests import has_own_tests, strip_own_tests
+from leti.tasks.own_tests import has_own_tests, strip_own_tests
 
 MBPP_PROMPT = '"""\nWrite a function to find the perimeter of a square.\nassert square_perimeter(10)==40\n"""'
 SOLUTION = "\ndef square_perimeter(a):\n    return 4 * a\n"

@@ -14,9 +14,9 @@ from leti.config import FinetuneSettings, GenerationSettings, ProbeSettings
 from leti.finetune import IGNORE_INDEX, finetune
 from leti.generate import generate_file
 from leti.io import read_json, read_jsonl, write_jsonl
+from leti.model.tokens import BAD, GOOD
 from leti.probe import probe_policy, solution_text
 from leti.records import FeedbackExample, Probe, Problem, Sample
-from leti.special_tokens import BAD, GOOD
 
 PROMPT = '"""\nWrite a function to add two numbers.\nassert add(1, 2) == 3\n"""'
 # What follows <|good|> and what follows <|bad|> in the training texts.

@@ -7,11 +7,23 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from leti.comparisons import COMPARISON_COLUMNS
+from leti.analysis.comparisons import COMPARISON_COLUMNS
+from leti.analysis.plots import error_types_figure
+from leti.analysis.report import SummaryOutputs, markdown_table, summarize
+from leti.analysis.tables import (
+    SUMMARY_COLUMNS,
+    outcome_table,
+    pass_at_k_table,
+    probe_table,
+    read_metrics,
+    rule_times,
+    share_table,
+    summary_table,
+    timing_table,
+)
 from leti.config import MetricsSettings
 from leti.evaluate import compute_metrics
 from leti.io import write_json, write_jsonl
-from leti.plots import error_types_figure
 from leti.probe import probe_summary
 from leti.records import (
     Execution,
@@ -23,20 +35,6 @@ from leti.records import (
     Problem,
     Sample,
     TrainStep,
-)
-from leti.report import (
-    SUMMARY_COLUMNS,
-    SummaryOutputs,
-    markdown_table,
-    outcome_table,
-    pass_at_k_table,
-    probe_table,
-    read_metrics,
-    rule_times,
-    share_table,
-    summarize,
-    summary_table,
-    timing_table,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""What every job asks a cluster for, and where generation and fine-tuning run (leti.device)."""
+"""What every job asks a cluster for, and where generation and fine-tuning run (leti.model.device)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import yaml
 from conftest import REPO, run_snakemake
 
-from leti import device as devices
+from leti.model import device as devices
 from leti.config import RULES, Config, ResourcesConfig, load_config_file
-from leti.device import DeviceError, inference_dtype, resolve_device, training_dtype
+from leti.model.device import DeviceError, inference_dtype, resolve_device, training_dtype
 
 CPU_ONLY_RULES = {
     "download_mbpp",

@@ -10,7 +10,7 @@ import pytest
 from leti.config import MBPP_SPLITS, ExecuteConfig
 from leti.records import ExecutionStatus, Problem, SandboxImage
 from leti.sandbox import open_pool, run_programs
-from leti.tasks import download_mbpp, load_task_set
+from leti.tasks.sources import download_mbpp, load_task_set
 
 REPO = Path(__file__).resolve().parents[1]
 

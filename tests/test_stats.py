@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from leti import stats
+from leti.analysis import stats
 
 
 def test_identical_policies_differ_by_zero_with_a_ci_containing_zero() -> None:

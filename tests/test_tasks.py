@@ -15,7 +15,7 @@ from conftest import planned_jobs, run_snakemake
 
 from leti.io import ArtifactError, read_jsonl
 from leti.records import Problem
-from leti.tasks import (
+from leti.tasks.sources import (
     GENEVA_SHA256,
     MBPP_SHA256,
     TaskSourceError,

@@ -13,7 +13,7 @@ from rich.console import Console
 from leti.errors import LetiError
 
 if TYPE_CHECKING:
-    from leti.report import TableOutput
+    from leti.analysis.report import TableOutput
 
 app = typer.Typer(
     help="LETI: learn to write code from execution feedback. Each command is one pipeline stage.",
@@ -36,7 +36,7 @@ stderr = Console(stderr=True, soft_wrap=True)
 def table_output(markdown: bool = False) -> TableOutput:
     """Tables at their full width when written to a file or pipe (rich would fit them to 80
     columns and cut the names)."""
-    from leti.report import TableOutput
+    from leti.analysis.report import TableOutput
 
     return TableOutput(Console() if sys.stdout.isatty() else Console(width=200), markdown)
 
@@ -83,7 +83,7 @@ def tasks_prepare(
     from pydantic import TypeAdapter
 
     from leti.io import write_jsonl
-    from leti.tasks import load_task_set
+    from leti.tasks.sources import load_task_set
 
     stops = TypeAdapter(list[str]).validate_json(extra_stop_sequences)
     problems = load_task_set(dataset, split, source, limit, ontology, strict, stops, strip_own_tests)
@@ -102,7 +102,7 @@ def tasks_heldout_mbpp(
     """Write MBPP's validation problems and its unused training problems as a custom task file,
     to choose settings on problems that are neither trained on nor test problems."""
     from leti.io import write_jsonl
-    from leti.tasks import mbpp_heldout
+    from leti.tasks.sources import mbpp_heldout
 
     count = write_jsonl(output, mbpp_heldout(source, rollout_problems))
     stderr.print(f"{count} held-out MBPP problems -> {output}")
@@ -111,7 +111,7 @@ def tasks_heldout_mbpp(
 @tasks_app.command("download-mbpp")
 def tasks_download_mbpp(output: OutputPath) -> None:
     """Download MBPP at its pinned commit and verify its sha256."""
-    from leti.tasks import MBPP_URL, download_mbpp
+    from leti.tasks.sources import MBPP_URL, download_mbpp
 
     download_mbpp(output)
     stderr.print(f"MBPP from {MBPP_URL} -> {output} (sha256 verified)")
@@ -120,7 +120,7 @@ def tasks_download_mbpp(output: OutputPath) -> None:
 @tasks_app.command("download-geneva")
 def tasks_download_geneva(output: OutputPath) -> None:
     """Download GENEVA (CC BY 3.0; Parekh et al., ACL 2023) at its pinned commit and verify every sha256."""
-    from leti.tasks import GENEVA_URL, download_geneva
+    from leti.tasks.sources import GENEVA_URL, download_geneva
 
     download_geneva(output)
     stderr.print(f"GENEVA from {GENEVA_URL} -> {output} (sha256 verified)")
@@ -148,7 +148,7 @@ def model_prepare(output: OutputPath, settings: Settings = "{}", threads: Thread
     import torch
 
     from leti.config import ModelConfig
-    from leti.model import prepare_model
+    from leti.model.sources import prepare_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(threads)
@@ -352,8 +352,8 @@ def summarize(
 ) -> None:
     """Aggregate metrics and reward-token probes into summary.csv and comparisons.csv, and plot
     pass@k, sample efficiency, error types, training loss and the reward probe."""
-    from leti.report import SummaryOutputs
-    from leti.report import summarize as write_summary
+    from leti.analysis.report import SummaryOutputs
+    from leti.analysis.report import summarize as write_summary
 
     outputs = SummaryOutputs(
         csv,
@@ -374,7 +374,7 @@ def summary(
     markdown: Markdown = False,
 ) -> None:
     """Print the arm-by-iteration pass@k and outcome tables of the metrics under RESULTS."""
-    from leti.report import print_summary
+    from leti.analysis.report import print_summary
 
     print_summary(results, table_output(markdown))
 
@@ -390,8 +390,8 @@ def compare(
 ) -> None:
     """Pair the evaluations two runs share (say a departure against the faithful setting), problem by
     problem: a - b with its 95% paired-bootstrap CI and p-value."""
+    from leti.analysis.report import compare_runs
     from leti.io import write_csv
-    from leti.report import compare_runs
 
     table = compare_runs(results_a, results_b, table_output(markdown))
     if output is not None:
@@ -409,7 +409,7 @@ def diagnose(
 ) -> None:
     """Text features of every samples set under RESULTS, with 95% CIs: own test code, length cuts,
     SyntaxErrors, Markdown fences, mean completion tokens."""
-    from leti.diagnose import diagnosis_table, diagnosis_view
+    from leti.analysis.diagnose import diagnosis_table, diagnosis_view
     from leti.io import write_csv
 
     table = diagnosis_table(results, tasks)
@@ -426,7 +426,7 @@ def timings(
     markdown: Markdown = False,
 ) -> None:
     """Per-rule wall times and peak memory, from Snakemake's benchmark files under BENCHMARKS."""
-    from leti.report import print_timings
+    from leti.analysis.report import print_timings
 
     print_timings(benchmarks, table_output(markdown))
 
@@ -442,7 +442,7 @@ def inspect(
     examples: Annotated[int, typer.Option(min=0, help="How many records to show.")] = 3,
 ) -> None:
     """Counts by status and error type, and a few examples, of any artifact."""
-    from leti.report import inspect_artifact
+    from leti.analysis.report import inspect_artifact
 
     inspect_artifact(path, Console(soft_wrap=True), task_id=task_id, status=status, examples=examples)
 

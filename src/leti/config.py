@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from leti.errors import LetiError
+from leti.model.tokens import RewardPrefix
 from leti.records import FeedbackMode, Purpose, TrainOn
-from leti.special_tokens import RewardPrefix
 
 # Counts must be real integers: lax parsing would turn `true` into 1.
 Count = Annotated[int, Field(strict=True, gt=0)]
@@ -591,7 +591,7 @@ class Config(Section):
 
     def task_metric(self, dataset: str) -> Literal["eae"] | None:
         """The task-specific metric of a dataset's evaluations beside pass@k: "eae" (Arg-I / Arg-C
-        scores, `leti.eae.argument_counts`) for event argument extraction, else None."""
+        scores, `leti.tasks.eae.source.argument_counts`) for event argument extraction, else None."""
         return "eae" if dataset == "geneva" or dataset in self.data.eae else None
 
     def used_task_sets(self) -> list[str]:
@@ -716,7 +716,7 @@ def _missing_files(config: Config) -> list[str]:
                 problems.append(f"data.custom.{dataset}.{split}: no such file: {path}")
     geneva_key = "data.geneva_dir" if config.data.geneva_dir is not None else f"${GENEVA_DIR_ENV}"
     if (geneva := config.geneva_dir()) is not None:
-        from leti.tasks import GENEVA_SHA256
+        from leti.tasks.sources import GENEVA_SHA256
 
         if not geneva.is_dir():
             problems.append(f"{geneva_key}: no such folder: {geneva}")

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from leti import stats
+from leti.analysis import stats
 from leti.config import MetricsSettings
 from leti.io import ArtifactError, read_jsonl, write_json
 from leti.layout import parse_policy
@@ -233,7 +233,7 @@ def task_metric_named(name: str | None) -> TaskMetric | None:
     if name is None:
         return None
     if name == "eae":
-        from leti.eae import ArgumentMetric
+        from leti.tasks.eae.source import ArgumentMetric
 
         return ArgumentMetric()
     raise ValueError(f"no task metric {name!r}")

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from leti.config import FeedbackSettings
 from leti.io import ArtifactError, read_jsonl, write_jsonl
+from leti.model.tokens import BAD, FEEDBACK_END, FEEDBACK_START, GOOD
 from leti.records import Execution, ExecutionStatus, FeedbackExample, FeedbackMode, Problem, Sample, TrainOn
-from leti.special_tokens import BAD, FEEDBACK_END, FEEDBACK_START, GOOD
 
 CountTokens = Callable[[str], int]
 

@@ -29,7 +29,6 @@ import torch
 from pydantic import BaseModel
 
 from leti.config import FinetuneSettings, RegularizerConfig
-from leti.device import resolve_device, training_dtype
 from leti.errors import LetiError
 from leti.io import (
     ArtifactError,
@@ -40,8 +39,9 @@ from leti.io import (
     read_jsonl,
     write_jsonl,
 )
+from leti.model.device import resolve_device, training_dtype
+from leti.model.tokens import LETI_SPECIAL_TOKENS
 from leti.records import FeedbackExample, TrainStep
-from leti.special_tokens import LETI_SPECIAL_TOKENS
 
 IGNORE_INDEX = -100
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -46,13 +46,13 @@ from transformers import (
 )
 
 from leti.config import Device, GenerationSettings, ModelDtype
-from leti.device import inference_dtype, resolve_device
 from leti.errors import LetiError
 from leti.io import read_jsonl, write_jsonl
-from leti.own_tests import strip_own_tests
+from leti.model.device import inference_dtype, resolve_device
+from leti.model.tokens import RewardPrefix, reward_token
 from leti.progress import StageProgress
 from leti.records import FinishReason, Problem, Sample
-from leti.special_tokens import RewardPrefix, reward_token
+from leti.tasks.own_tests import strip_own_tests
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def load_policy(
     model_dir: Path, adapter_dir: Path | None, dtype: ModelDtype = "auto", device: Device = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The prepared base model with the adapter merged in (or the whole fine-tuned model that
-    `adapter_dir` holds), in eval mode on `device` (leti.device).
+    `adapter_dir` holds), in eval mode on `device` (leti.model.device).
 
     The base is loaded straight in the inference dtype, as fine-tuning loads it: a float32 copy
     first would double the peak memory (4 GB for Qwen-0.5B). Merged, the adapter costs nothing
@@ -212,73 +212,24 @@ class _Batch:
         )
 
 
-class Decoder:
-    """Continuous-batch sampling for one model and tokenizer."""
+class SequenceEnd:
+    """When a sequence ends (an end token, a stop sequence, `max_new_tokens`) and the Sample it leaves."""
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: GenerationSettings
     ):
-        self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
-        self.device = model.device
         # A special token never belongs in a program: EOS, <|endoftext|>, the LETI tokens, FIM markers...
         self.end_ids = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
         eos = model.generation_config.eos_token_id
         self.end_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             self.end_ids.add(tokenizer.eos_token_id)
-        self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
-    def requests(self, problems: Sequence[Problem]) -> list[Request]:
-        requests = []
-        for problem in problems:
-            model_input = policy_input(problem, self.settings.reward_prefix)
-            ids = tuple(self.tokenizer(model_input.text)["input_ids"])
-            for index in range(self.settings.n):
-                seed = sample_seed(self.settings.seed, problem.task_id, index)
-                requests.append(Request(problem, index, seed, ids, model_input.lead))
-        return requests
-
-    def run(
-        self, requests: Sequence[Request], on_done: Callable[[Sample], None] = lambda _: None
-    ) -> list[Sample]:
-        """Generate every request; samples come back in request order."""
-        # Longest first: similar lengths share a prefill, and the big prefills happen while the batch is full.
-        queue = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids))
-        results: dict[int, Sample] = {}
-        index_of = {id(request): i for i, request in enumerate(requests)}
-        batch: _Batch | None = None
-        size = self.settings.batch_size
-        refill_at = max(1, size // REFILL_FRACTION)
-        with torch.inference_mode():
-            while queue or batch is not None:
-                free = size - (len(batch.rows) if batch else 0)
-                if queue and (batch is None or free >= refill_at):
-                    taken, queue = queue[:free], queue[free:]
-                    batch = self._merge(batch, self._prefill([requests[i] for i in taken]))
-                assert batch is not None
-                chosen = self._choose(batch).tolist()
-                keep = []
-                for row_index, (row, token) in enumerate(zip(batch.rows, chosen, strict=True)):
-                    sample = self._advance(row, token)
-                    if sample is None:
-                        keep.append(row_index)
-                    else:
-                        results[index_of[id(row.request)]] = sample
-                        on_done(sample)
-                if not keep:
-                    batch = None
-                    continue
-                if len(keep) < len(batch.rows):
-                    batch = batch.take(keep, [batch.rows[i] for i in keep])
-                batch = self._step(batch, [batch.rows[i].tokens[-1] for i in range(len(batch.rows))])
-        return [results[i] for i in range(len(requests))]
-
-    def _advance(self, row: _Row, token: int) -> Sample | None:
-        """Append a token; the finished Sample when the row ends here."""
-        row.tokens.append(token)
-        if token in self.end_ids:
+    def of(self, row: _Row) -> Sample | None:
+        """The finished Sample when the row's last token ends it, else None."""
+        if row.tokens[-1] in self.end_ids:
             return self._sample(row, self._text(row.request, row.tokens[:-1]), "eos")
         text = self._text(row.request, row.tokens)
         cut = stop_index(text, row.request.problem.stop_sequences)
@@ -314,13 +265,18 @@ class Decoder:
             finish_reason=reason,
         )
 
-    def _choose(self, batch: _Batch) -> torch.Tensor:
-        uniforms = torch.stack([row.uniforms[len(row.tokens)] for row in batch.rows])
-        return choose_tokens(batch.logits, uniforms, self.settings.temperature, self.settings.top_p)
 
-    def _prefill(self, requests: Sequence[Request]) -> _Batch:
-        """Run new prompts through the model; samples of one prompt share a single prefill row."""
-        unique = list(dict.fromkeys(request.prompt_ids for request in requests))
+class CachedForward:
+    """The model's side of decoding: new prompts into the KV cache, then one token per row a step."""
+
+    def __init__(self, model: PreTrainedModel, pad_id: int):
+        self.model = model
+        self.pad_id = pad_id
+        self.device = model.device
+
+    def prefill(self, rows: list[_Row]) -> _Batch:
+        """Run the rows' prompts through the model; rows of one prompt share a single prefill row."""
+        unique = list(dict.fromkeys(row.request.prompt_ids for row in rows))
         width = max(len(ids) for ids in unique)
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in unique], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in unique], device=self.device)
@@ -336,14 +292,11 @@ class Decoder:
         )
         prompts = _Batch([], cache, mask, positions[:, -1] + 1, output.logits[:, -1])
         where = {ids: i for i, ids in enumerate(unique)}
-        rows = [_Row(request, self._uniforms(request)) for request in requests]
-        return prompts.take([where[request.prompt_ids] for request in requests], rows)
+        return prompts.take([where[row.request.prompt_ids] for row in rows], rows)
 
-    def _uniforms(self, request: Request) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(request.seed)
-        return torch.rand(self.settings.max_new_tokens, generator=generator, dtype=torch.float64)
-
-    def _step(self, batch: _Batch, tokens: list[int]) -> _Batch:
+    def step(self, batch: _Batch) -> _Batch:
+        """Feed every row's last token; the batch with the logits of the next one."""
+        tokens = [row.tokens[-1] for row in batch.rows]
         mask = F.pad(batch.mask, (0, 1), value=1)
         output = self.model(
             input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1),
@@ -354,21 +307,91 @@ class Decoder:
         )
         return _Batch(batch.rows, batch.cache, mask, batch.positions + 1, output.logits[:, -1])
 
-    def _merge(self, batch: _Batch | None, new: _Batch) -> _Batch:
-        """Both batches in one, left-padded to a common cache length."""
-        if batch is None:
-            return new
-        width = max(batch.mask.shape[1], new.mask.shape[1])
-        for old_layer, new_layer in zip(batch.cache.layers, new.cache.layers, strict=True):
-            old_layer.keys = _cat_left_padded(old_layer.keys, new_layer.keys, width, dim=2)
-            old_layer.values = _cat_left_padded(old_layer.values, new_layer.values, width, dim=2)
-        return _Batch(
-            batch.rows + new.rows,
-            batch.cache,
-            _cat_left_padded(batch.mask, new.mask, width, dim=1),
-            torch.cat([batch.positions, new.positions]),
-            torch.cat([batch.logits, new.logits]),
-        )
+
+def merged(batch: _Batch | None, new: _Batch) -> _Batch:
+    """Both batches in one, left-padded to a common cache length."""
+    if batch is None:
+        return new
+    width = max(batch.mask.shape[1], new.mask.shape[1])
+    for old_layer, new_layer in zip(batch.cache.layers, new.cache.layers, strict=True):
+        old_layer.keys = _cat_left_padded(old_layer.keys, new_layer.keys, width, dim=2)
+        old_layer.values = _cat_left_padded(old_layer.values, new_layer.values, width, dim=2)
+    return _Batch(
+        batch.rows + new.rows,
+        batch.cache,
+        _cat_left_padded(batch.mask, new.mask, width, dim=1),
+        torch.cat([batch.positions, new.positions]),
+        torch.cat([batch.logits, new.logits]),
+    )
+
+
+class Decoder:
+    """Continuous-batch sampling for one model and tokenizer: which requests run, and which token
+    each row takes next. The model's forward passes are `CachedForward`'s, the ends `SequenceEnd`'s."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: GenerationSettings
+    ):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        self.forward = CachedForward(model, pad_id)
+        self.end = SequenceEnd(model, tokenizer, settings)
+
+    def requests(self, problems: Sequence[Problem]) -> list[Request]:
+        requests = []
+        for problem in problems:
+            model_input = policy_input(problem, self.settings.reward_prefix)
+            ids = tuple(self.tokenizer(model_input.text)["input_ids"])
+            for index in range(self.settings.n):
+                seed = sample_seed(self.settings.seed, problem.task_id, index)
+                requests.append(Request(problem, index, seed, ids, model_input.lead))
+        return requests
+
+    def run(
+        self, requests: Sequence[Request], on_done: Callable[[Sample], None] = lambda _: None
+    ) -> list[Sample]:
+        """Generate every request; samples come back in request order."""
+        # Longest first: similar lengths share a prefill, and the big prefills happen while the batch is full.
+        queue = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids))
+        results: dict[int, Sample] = {}
+        index_of = {id(request): i for i, request in enumerate(requests)}
+        batch: _Batch | None = None
+        size = self.settings.batch_size
+        refill_at = max(1, size // REFILL_FRACTION)
+        with torch.inference_mode():
+            while queue or batch is not None:
+                free = size - (len(batch.rows) if batch else 0)
+                if queue and (batch is None or free >= refill_at):
+                    taken, queue = queue[:free], queue[free:]
+                    batch = merged(batch, self.forward.prefill([self._row(requests[i]) for i in taken]))
+                assert batch is not None
+                keep = []
+                for row_index, (row, token) in enumerate(zip(batch.rows, self._choose(batch), strict=True)):
+                    row.tokens.append(token)
+                    sample = self.end.of(row)
+                    if sample is None:
+                        keep.append(row_index)
+                    else:
+                        results[index_of[id(row.request)]] = sample
+                        on_done(sample)
+                if not keep:
+                    batch = None
+                    continue
+                if len(keep) < len(batch.rows):
+                    batch = batch.take(keep, [batch.rows[i] for i in keep])
+                batch = self.forward.step(batch)
+        return [results[i] for i in range(len(requests))]
+
+    def _choose(self, batch: _Batch) -> list[int]:
+        uniforms = torch.stack([row.uniforms[len(row.tokens)] for row in batch.rows])
+        return choose_tokens(batch.logits, uniforms, self.settings.temperature, self.settings.top_p).tolist()
+
+    def _row(self, request: Request) -> _Row:
+        """A row for the request, with the uniforms its tokens are drawn with (its own generator)."""
+        generator = torch.Generator().manual_seed(request.seed)
+        uniforms = torch.rand(self.settings.max_new_tokens, generator=generator, dtype=torch.float64)
+        return _Row(request, uniforms)
 
 
 def _cat_left_padded(first: torch.Tensor, second: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 
+from leti.model.tokens import RewardPrefix
 from leti.records import Purpose
-from leti.special_tokens import RewardPrefix
 
 BASE_POLICY = "base"
 POLICY_PATTERN = r"base|[A-Za-z0-9][A-Za-z0-9_-]*/iter[1-9][0-9]*"

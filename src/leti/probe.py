@@ -4,13 +4,13 @@ LETI trains `<|good|> + prompt + program` on passing programs and `<|bad|> + ...
 so a policy that learned the tokens finds a correct program more likely after `<|good|>`. The probe
 measures that without generating: for each problem with a reference solution, the mean
 log-likelihood per token of the solution after `<|good|> + prompt` and after `<|bad|> + prompt`,
-teacher-forced, and their paired difference over problems (leti.stats). A greedy pass@1 contrast
+teacher-forced, and their paired difference over problems (leti.analysis.stats). A greedy pass@1 contrast
 moves by whole problems; this sees differences of a thousandth of a nat per token.
 
 The policy is the one that generates (`leti.generate.load_policy`: adapter merged), and the text is
 exactly what it is trained on and continues: `policy_input` followed by the solution. Also reported:
 the distance between the two tokens' embedding rows, identical in the base model
-(`leti.model.add_leti_tokens`), beside the typical row norm for scale.
+(`leti.model.sources.add_leti_tokens`), beside the typical row norm for scale.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from leti import stats
+from leti.analysis import stats
 from leti.config import ProbeSettings
 from leti.finetune import IGNORE_INDEX, TokenizedText, collate, forward_passes
 from leti.generate import load_policy, policy_input
 from leti.io import read_jsonl, write_json
 from leti.layout import parse_policy
+from leti.model.tokens import BAD, GOOD, RewardPrefix
 from leti.progress import StageProgress
 from leti.records import Estimate, Probe, ProbeProblem, Problem
-from leti.special_tokens import BAD, GOOD, RewardPrefix
 
 log = logging.getLogger(__name__)
 

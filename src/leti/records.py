@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt
 
-from leti.special_tokens import RewardPrefix
+from leti.model.tokens import RewardPrefix
 
 
 class Record(BaseModel):
@@ -36,7 +36,7 @@ class Problem(Record):
     stop_sequences: list[str] = Field(default_factory=list)
     strip_own_tests: bool = Field(
         default=False,
-        description="Remove the model's own test code from completions (`leti.own_tests`; a departure).",
+        description="Remove the model's own test code from completions (`leti.tasks.own_tests`; a departure).",
     )
 
     def program(self, completion: str) -> str:
@@ -152,7 +152,7 @@ class ProblemResult(Record):
 
 
 class Estimate(Record):
-    """A statistic over problems with its 95% confidence interval (bootstrap over problems, leti.stats)."""
+    """A statistic over problems with its 95% confidence interval (bootstrap over problems, leti.analysis.stats)."""
 
     value: float
     ci_low: float

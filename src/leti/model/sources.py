@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from leti.errors import LetiError
 from leti.io import atomic_directory
-from leti.special_tokens import LETI_SPECIAL_TOKENS
+from leti.model.tokens import LETI_SPECIAL_TOKENS
 
 # The rules resolve sources while Snakemake builds the DAG; importing torch there would cost seconds.
 if TYPE_CHECKING:

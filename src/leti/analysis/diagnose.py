@@ -2,7 +2,7 @@
 
 For every samples.jsonl under a results folder (with the executions.jsonl beside it and the task
 set it was generated for), the share of samples with each feature below and the mean completion
-length, each with its 95% CI over problems (`leti.stats`: a problem's samples move together).
+length, each with its 95% CI over problems (`leti.analysis.stats`: a problem's samples move together).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from leti import stats
+from leti.analysis import stats
 from leti.io import ArtifactError, read_jsonl
 from leti.layout import parse_samples_folder
-from leti.own_tests import has_own_tests
 from leti.records import Execution, ExecutionStatus, Problem, Sample
+from leti.tasks.own_tests import has_own_tests
 
 Feature = Callable[[Problem, Sample, Execution], bool]
 

@@ -9,9 +9,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from leti.analysis.tables import evaluations, outcome_rows
 from leti.io import atomic_path
 from leti.layout import BASE_POLICY
-from leti.report import evaluations, outcome_rows
 
 # Files, never a window: summaries are written by batch jobs.
 matplotlib.use("Agg")

@@ -3,10 +3,10 @@ and the Arg-I / Arg-C metric of one sample.
 
 One problem per event mention. The prompt defines the ontology as Python classes and asks for an
 instance of the event's class; the model writes its keyword arguments (role lines) and the closing
-parenthesis; `test_code` is the verifier of `leti.eae_verifier` with the gold arguments baked in.
+parenthesis; `test_code` is the verifier of `leti.tasks.eae.verifier` with the gold arguments baked in.
 docs/eae.md shows a whole prompt.
 
-GENEVA (Parekh et al., ACL 2023) is CC BY 3.0; see `leti.tasks` for where it comes from.
+GENEVA (Parekh et al., ACL 2023) is CC BY 3.0; see `leti.tasks.sources` for where it comes from.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from collections import Counter
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from leti.eae_ontology import EaeSourceError, EventClass, Ontology, Role, load_ontology
-from leti.eae_verifier import VERIFIER_FUNCTIONS, normalise_span
 from leti.io import iter_numbered_jsonl
 from leti.records import Problem
+from leti.tasks.eae.ontology import EaeSourceError, EventClass, Ontology, Role, load_ontology
+from leti.tasks.eae.verifier import VERIFIER_FUNCTIONS, normalise_span
 
 # Where the reference cut generations (re.split on '"""', 'class', 'print', '#'). The last three are
 # anchored at a line start here, so that entity text such as "class action" or "#1" is not cut; a

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from leti.eae import load_eae
 from leti.errors import LetiError
 from leti.io import atomic_path, file_sha256, iter_jsonl
 from leti.records import Problem
+from leti.tasks.eae.source import load_eae
 
 # The canonical MBPP file at a fixed commit, so every download is the same bytes.
 MBPP_COMMIT = "30adf0ec5f35f9609c2f1d896005e184195d9146"

@@ -3,7 +3,7 @@
 The functions below are copied verbatim into each problem's `test_code` (with `inspect.getsource`)
 and run in the sandbox after the model's completion, so they use only builtins (no imports, no
 module-level names) and never see anything but the event object and the gold data baked in beside
-them. The same `normalise_span` scores samples in `leti.eae.argument_counts`, so the verifier and the
+them. The same `normalise_span` scores samples in `leti.tasks.eae.source.argument_counts`, so the verifier and the
 metric agree on what a matching span is.
 
 The messages are the reference's (xingyaoww/LeTI, leti/verifier/eae), matched on text spans instead of

@@ -11,7 +11,7 @@ Three kinds, each on every evaluation task set:
   solutions' mean log-likelihood per token after <|good|> against after <|bad|> under one policy,
   and under a trained policy after <|good|> against under the base model.
 Each row has the difference a - b, its 95% paired-bootstrap CI and an exact paired test's p-value
-(leti.stats), for every pass@k and every task metric both sides have.
+(leti.analysis.stats), for every pass@k and every task metric both sides have.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from leti import stats
+from leti.analysis import stats
 from leti.evaluate import pass_at_k_columns, task_metric_columns, task_metric_named, task_metric_statistic
 from leti.layout import BASE_POLICY, parse_policy
 from leti.records import Metrics, Probe, ProblemResult

@@ -1,0 +1,1 @@
+"""Reading results: summary tables, statistics, paired comparisons, plots, diagnosis and reports."""
