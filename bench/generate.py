@@ -123,7 +123,7 @@ class HfBench:
         self.config = {
             "max_new_tokens": settings.max_new_tokens,
             "eos_token_id": sorted(decoder.end.end_ids),
-            "pad_token_id": decoder.pad_id,
+            "pad_token_id": decoder.forward.pad_id,
             "stop_strings": requests[0].problem.stop_sequences,
             **sampling,
         }
@@ -159,7 +159,7 @@ class HfBench:
 
     def _generate(self, requests: list[Request], **overrides: int) -> list[list[int]]:
         width = max(len(request.prompt_ids) for request in requests)
-        pad = self.decoder.pad_id
+        pad = self.decoder.forward.pad_id
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in requests])
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests])
         torch.manual_seed(0)

@@ -10,8 +10,8 @@ import torch
 import yaml
 from conftest import REPO, run_snakemake
 
-from leti.model import device as devices
 from leti.config import RULES, Config, ResourcesConfig, load_config_file
+from leti.model import device as devices
 from leti.model.device import DeviceError, inference_dtype, resolve_device, training_dtype
 
 CPU_ONLY_RULES = {
