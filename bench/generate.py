@@ -108,7 +108,7 @@ class HfBench:
     def __init__(self, decoder: Decoder, requests: list[Request]):
         self.decoder = decoder
         self.requests = requests
-        self.model = decoder.model
+        self.model = decoder.forward.model
         self.tokenizer = decoder.tokenizer
         settings = decoder.settings
         sampling: dict[str, object] = {"do_sample": False}
