@@ -19,6 +19,7 @@ import pytest
 from leti.config import ExecuteConfig
 from leti.records import ExecutionStatus, SandboxImage
 from leti.sandbox import SandboxError, SandboxPool, open_pool
+from leti.sandbox.feedback import feedback_text
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ExecuteConfig(timeout_s=2.0, memory_mb=256)
@@ -126,6 +127,37 @@ HOSTILE: dict[str, tuple[str, ExecutionStatus, str | None]] = {
         ExecutionStatus.passed,
         None,
     ),
+    # Daemonising code closes what it inherited; the result descriptor (3) is the harness's.
+    "closes_inherited_fds_then_tests_pass": (
+        "import os\nos.closerange(3, 4096)\nassert 1 == 1\n",
+        ExecutionStatus.failed,
+        "HarnessChannelClosed",
+    ),
+    "closes_inherited_fds_then_tests_fail": (
+        "import os\nos.closerange(3, 4096)\nassert 1 == 2\n",
+        ExecutionStatus.failed,
+        "HarnessChannelClosed",
+    ),
+    "closes_the_result_fd": ("import os\nos.close(3)\n", ExecutionStatus.failed, "HarnessChannelClosed"),
+    "dup2_over_the_result_fd": (
+        "import os\nos.dup2(1, 3)\nassert 1 == 1\n",
+        ExecutionStatus.failed,
+        "HarnessChannelClosed",
+    ),
+    "writes_a_pass_then_closes_the_result_fd": (
+        'import os\nos.write(3, b\'{"outcome": "passed"}\')\nos.close(3)\nassert 1 == 2\n',
+        ExecutionStatus.failed,
+        "HarnessChannelClosed",
+    ),
+    "dup2_a_pipe_over_the_result_fd_and_forges_a_pass": (
+        "import json, os\n"
+        "read, write = os.pipe()\n"
+        "os.dup2(write, 3)\n"
+        "os.write(3, json.dumps({'outcome': 'passed'}).encode())\n"
+        "assert 1 == 2\n",
+        ExecutionStatus.failed,
+        "HarnessChannelClosed",
+    ),
     "leaves_files_everywhere": (
         "import os\n"
         "for folder in ('/tmp', '.', '/dev/shm'):\n"
@@ -183,6 +215,15 @@ def test_hostile_program_gets_its_status_and_leaves_the_sandbox_clean(pool: Sand
     assert after.status == ExecutionStatus.passed, after.exception_message
     # The same PID 1: the sandbox survived and was not replaced.
     assert after.stdout == before.stdout
+
+
+def test_a_program_that_closes_the_result_fd_learns_why(pool: SandboxPool) -> None:
+    result = pool.run("import os\nos.closerange(3, 4096)\nassert 1 == 2\n")
+    assert (result.status, result.exception_type) == (ExecutionStatus.failed, "HarnessChannelClosed")
+    assert feedback_text(result, 2048) == (
+        "HarnessChannelClosed: the program closed or replaced the harness's file descriptors before its "
+        "tests finished"
+    )
 
 
 def test_a_timeout_is_on_time(pool: SandboxPool) -> None:

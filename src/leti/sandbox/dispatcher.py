@@ -7,6 +7,10 @@ rlimits, /dev/null as stdin and pipes as stdout/stderr; the verdict "passed" com
 from a message the child's harness writes on a separate pipe after the program, tests
 included, ran to its end, so an early `os._exit(0)` can never pass.
 
+Whatever happens once the program's own code has started is the program's doing: a program
+that closes or replaces that pipe's descriptor (daemonising code does) fails with
+`HarnessChannelClosed`; only a failure before it started is a `sandbox_error`.
+
 This file must stay standard-library only and importable by an old-ish Python 3: it is
 copied into the sandbox image and runs under the image's interpreter, not the project's.
 """
@@ -66,9 +70,13 @@ MAX_RESULT_BYTES = 16 << 20
 MAX_MESSAGE_CHARS = 20_000
 MAX_LINE_CHARS = 1_000
 CHILD_SETUP_FAILED = 120
+# The harness's exit status when the program closed or replaced the result descriptor.
+CHANNEL_CLOSED = 121
+RESULT_FD = 3
 
 # Bound before any program runs: a program may rebind the module attributes in its copy.
 _exit = os._exit
+_fstat = os.fstat
 # Held so that replacing sys.stdout in a child never garbage-collects (and so closes) fd 1.
 _ORIGINAL_STREAMS = (sys.stdin, sys.stdout, sys.stderr)
 _dumps = json.dumps
@@ -119,8 +127,9 @@ def _child(source: str, limits: Limits, out_w: int, err_w: int, result_w: int) -
     os.dup2(null, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
-    os.dup2(result_w, 3)
-    os.closerange(4, limits.open_files)
+    os.dup2(result_w, RESULT_FD)
+    os.closerange(RESULT_FD + 1, limits.open_files)
+    channel = _identity(RESULT_FD)
     cpu = _cpu_limit(limits)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
@@ -179,8 +188,23 @@ def _child(source: str, limits: Limits, out_w: int, err_w: int, result_w: int) -
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BaseException):
             stream.flush()
-    _write_all(3, _dumps(result).encode())
+    if _identity(RESULT_FD) != channel:
+        # Written now, the result would go wherever the program pointed the descriptor.
+        _exit(CHANNEL_CLOSED)
+    try:
+        _write_all(RESULT_FD, _dumps(result).encode())
+    except OSError:
+        _exit(CHANNEL_CLOSED)
     _exit(0)
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """What `fd` refers to (device and inode), or None when it is closed."""
+    try:
+        status = _fstat(fd)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def _describe(error: BaseException) -> dict:
@@ -454,6 +478,13 @@ def _verdict(status: int, result: bytes, timed_out: bool, overflow: bool, limits
             "failed",
             "OutputLimitExceeded",
             f"the program wrote more than {limits.output_bytes} bytes of output",
+        )
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CHANNEL_CLOSED:
+        # Before the result is read: what reached the pipe came from the program, not the harness.
+        return _failure(
+            "failed",
+            "HarnessChannelClosed",
+            "the program closed or replaced the harness's file descriptors before its tests finished",
         )
     message = _parse_result(result)
     if message is not None and message.get("outcome") == "passed":
