@@ -9,7 +9,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 CORES ?= 2
 # Another experiment file, e.g. `make run CONFIG=configs/eae.yaml` (default: config.yaml).
 CONFIG ?=
-SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG))
+SNAKEMAKE_ARGS := --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG))
+SNAKEMAKE := $(BIN)/snakemake $(SNAKEMAKE_ARGS)
 # The CPU build of torch. On a GPU machine, install your CUDA build of torch into
 # .venv first (any 2.x from 2.4 on); setup keeps a torch that is already there.
 TORCH_SPEC ?= torch==2.13.0
@@ -29,8 +30,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 
+# `leti snakemake` removes the lock a killed Snakemake left here (never one a live Snakemake holds).
 run: setup docker-engine
-	$(SNAKEMAKE)
+	$(BIN)/leti snakemake $(SNAKEMAKE_ARGS)
 	$(SNAKEMAKE) --report results/report.html
 	$(BIN)/leti timings benchmarks
 	$(BIN)/leti summary results

@@ -447,6 +447,15 @@ def inspect(
     inspect_artifact(path, Console(soft_wrap=True), task_id=task_id, status=status, examples=examples)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def snakemake(context: typer.Context) -> None:
+    """Run Snakemake with these arguments in this folder (what `make run` does), first removing the
+    lock of a Snakemake that was killed here; a lock that a live Snakemake holds stays."""
+    from leti.workflow_lock import run_snakemake
+
+    run_snakemake(context.args)
+
+
 def main() -> None:
     try:
         app()
