@@ -286,6 +286,10 @@ def test_loss_falls_and_the_log_has_every_step(tiny_model: Path, feedback_file: 
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4
     assert config["trainable_token_indices"]
+    # Sorted, not in the set order of this process's string hashing: the same file every run.
+    assert len(config["target_modules"]) == 14 and config["target_modules"] == sorted(
+        config["target_modules"]
+    )
 
 
 def test_iteration_2_starts_from_the_adapter_of_iteration_1(

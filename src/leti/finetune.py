@@ -311,6 +311,14 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _sort_target_modules(model: torch.nn.Module) -> None:
+    """peft keeps the adapted modules as a set and writes them in its iteration order, which changes
+    with every process's string hashing: sorted, adapter_config.json is the same file every run."""
+    for config in getattr(model, "peft_config", {}).values():
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
+
+
 # --- checkpoints
 
 
@@ -505,8 +513,10 @@ def finetune(
                 on_step(step)
 
     if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(model)
         with atomic_directory(output) as staging:
-            accelerator.unwrap_model(model).save_pretrained(staging)
+            _sort_target_modules(trained)
+            trained.save_pretrained(staging)
         write_jsonl(log_path, log)
         if checkpoints is not None:
             (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
