@@ -27,6 +27,7 @@ from leti.sandbox.docker_pool import (
     owner_label,
     reap_leftovers,
 )
+from leti.sandbox.image import build_image
 
 REPO = Path(__file__).resolve().parents[1]
 # Prints the sandbox's PID namespace and the start time of its PID 1: the same sandbox.
@@ -216,6 +217,31 @@ def test_an_image_with_another_dispatcher_is_refused(sandbox_image: SandboxImage
     stale = sandbox_image.model_copy(update={"dispatcher_sha256": "0" * 64})
     with pytest.raises(SandboxError, match=r"another version of dispatcher\.py; rebuild it"):
         DockerPool(ExecuteConfig(), stale, 1)
+
+
+def test_a_new_build_leaves_the_images_other_checkouts_run(
+    sandbox_image: SandboxImage, tmp_path: Path
+) -> None:
+    """Checkouts at different commits share one engine: a build must not delete another's image."""
+    client = connect()
+    marker = f"t{os.getpid()}x{time.time_ns()}"
+    repository = ExecuteConfig().image
+    client.images.get(sandbox_image.image).tag(repository, tag=f"other-{marker}")
+    dockerfile = tmp_path / "sandbox.Dockerfile"
+    original = (REPO / "envs" / "sandbox.Dockerfile").read_text()
+    dockerfile.write_text(f"{original}\nLABEL leti.test={marker}\n")
+    lines: list[str] = []
+    record = None
+    try:
+        record = build_image(ExecuteConfig(), dockerfile, log=lines.append)
+        assert record.image != sandbox_image.image
+        assert client.images.get(f"{repository}:other-{marker}").id == sandbox_image.image_id
+        assert client.images.get(sandbox_image.image).id == sandbox_image.image_id
+        assert any(f"{repository}:other-{marker}" in line and "docker rmi" in line for line in lines)
+    finally:
+        client.images.remove(f"{repository}:other-{marker}")
+        if record is not None:
+            client.images.remove(record.image)
 
 
 def test_the_docker_backend_needs_the_image_record() -> None:

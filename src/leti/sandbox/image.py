@@ -56,20 +56,18 @@ def build_image(settings: ExecuteConfig, dockerfile: Path, log: Log) -> SandboxI
     if fresh:
         _smoke_test(settings, record)
         log(f"built {tag} on {base} ({kind}); it runs programs")
-        _remove_older(client, settings.image, keep=image.id, log=log)
+        _mention_older(client, settings.image, keep=image.id, log=log)
     return record
 
 
-def _remove_older(client: docker.DockerClient, repository: str, keep: str, log: Log) -> None:
-    """Earlier builds hold another dispatcher, which the pool refuses: they only take space."""
-    for old in client.images.list(name=repository):
-        if old.id != keep:
-            try:
-                client.images.remove(old.id, force=False)
-                log(f"removed the outdated {', '.join(old.tags) or old.short_id}")
-            except APIError:
-                # Still used by a running container: the next build removes it.
-                pass
+def _mention_older(client: docker.DockerClient, repository: str, keep: str, log: Log) -> None:
+    """Name the earlier builds, and leave them: another checkout on this engine may still run one."""
+    older = sorted(tag for old in client.images.list(name=repository) if old.id != keep for tag in old.tags)
+    if older:
+        log(
+            f"{len(older)} other {repository} image(s) stay: {', '.join(older)}. Another checkout sharing "
+            f"this Docker engine may use them; remove one with `docker rmi TAG` once no run needs it."
+        )
 
 
 def resolve_base(client: docker.DockerClient, settings: ExecuteConfig, log: Log) -> tuple[str, BaseKind]:
