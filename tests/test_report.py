@@ -20,6 +20,8 @@ from leti.analysis.tables import (
     share_table,
     summary_table,
     timing_table,
+    training_logs,
+    update_table,
 )
 from leti.config import MetricsSettings
 from leti.evaluate import compute_metrics
@@ -247,6 +249,39 @@ def test_probes_are_summarised_and_compared(results: Path, tmp_path: Path) -> No
     assert (
         "reward-token probe" in shown.stdout and "| mbpp/test | textual/iter1 | 12 | +0.0100" in shown.stdout
     )
+
+
+def test_each_update_is_tabled_with_its_end_loss_its_cost_and_its_probe(
+    results: Path, tmp_path: Path
+) -> None:
+    steps = [
+        TrainStep(step=i, epoch=0, loss=loss, learning_rate=1e-4, tokens=100, tokens_per_s=50)
+        for i, loss in enumerate([4.0, 3.0, 2.0, 1.0, 0.5, 0.3, 0.1, 0.1], start=1)
+    ]
+    write_jsonl(results / "textual" / "iter1" / "train_log.jsonl", steps)
+    write_json(
+        eval_path(results, "textual/iter1", prefix="bad"), metrics("textual/iter1", 1, 0.1, prefix="bad")
+    )
+    for policy, shift in [("base", 0.0), ("textual/iter1", 0.01)]:
+        write_json(results / policy / "probe" / "mbpp" / "test" / "probe.json", probe(policy, shift))
+    _, outputs = summarize_into(results, tmp_path)
+    train_logs = sorted(results.glob("**/train_log.jsonl"))
+
+    table = update_table(pd.read_csv(outputs.comparisons), training_logs(train_logs)).set_index("policy")
+    assert table.index.tolist() == ["binary/iter1", "textual/iter1"]
+    # The last quarter of textual's 8 steps is 0.1 and 0.1; binary's 2 steps end at 2.0 / 2.
+    assert table.loc["textual/iter1", ["steps", "loss at the end"]].tolist() == ["8", "0.100"]
+    assert table.loc["binary/iter1", "loss at the end"] == "1.000"
+    # Under <|good|>, not <|bad|>: 0.4 - 0.3 on the same 10 problems.
+    assert table.loc["textual/iter1", "mbpp/test pass@1 - base [95% CI]"].startswith("+0.100 [")
+    assert table.loc["binary/iter1", "mbpp/test pass@1 - base [95% CI]"].startswith("-0.100 [")
+    assert table.loc["textual/iter1", "mbpp/test good - bad [95% CI]"].startswith("+0.0100 [")
+    assert float(table.loc["textual/iter1", "mbpp/test good - bad p"]) < 0.01
+    assert table.loc["binary/iter1", "mbpp/test good - bad [95% CI]"] == "-"
+    shown = leti("summary", str(results), "--markdown")
+    assert shown.returncode == 0, shown.stderr
+    assert "**each trained policy: its update" in shown.stdout
+    assert "| textual/iter1 | 8 | 0.100 | +0.100 [" in shown.stdout
 
 
 def test_a_policy_not_evaluated_on_a_task_set_is_no_column_of_zeros(results: Path) -> None:

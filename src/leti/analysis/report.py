@@ -26,6 +26,7 @@ from leti.analysis.tables import (
     summary_table,
     timing_table,
     training_logs,
+    update_table,
     with_ci,
 )
 from leti.io import ArtifactError, read_json, read_jsonl
@@ -178,12 +179,13 @@ def _print_metrics(metrics: Metrics, console: Console) -> None:
 
 def print_summary(results: str | os.PathLike[str], output: TableOutput) -> None:
     """Every metrics.json under `results`: pass@k with CIs by arm, iteration and reward prefix,
-    the outcome counts and shares, the reward-token probes, and the paired comparisons (`comparisons.csv` when the
-    workflow wrote one, else computed here)."""
+    the outcome counts and shares, the reward-token probes, each update against what it did, and the
+    paired comparisons (`comparisons.csv` when the workflow wrote one, else computed here)."""
     root = Path(results)
     documents = metrics_under(root)
     probes = read_probes(sorted(root.glob("**/probe.json")))
-    summary = summary_table(documents, sorted(root.glob("**/train_log.jsonl")), probes)
+    train_logs = sorted(root.glob("**/train_log.jsonl"))
+    summary = summary_table(documents, train_logs, probes)
     output.table(pass_at_k_table(summary), "pass@k with 95% CIs (steps: optimizer steps so far)")
     for table, title in [
         (outcome_table(summary), "samples by outcome"),
@@ -198,6 +200,10 @@ def print_summary(results: str | os.PathLike[str], output: TableOutput) -> None:
     saved = root / "comparisons.csv"
     comparisons = pd.read_csv(saved) if saved.is_file() else comparisons_table(documents, probes)
     if not comparisons.empty:
+        updates = update_table(comparisons, training_logs(train_logs))
+        if not updates.empty:
+            title = "each trained policy: its update (loss at the end: mean of its last quarter of steps) and what it did"
+            output.table(updates, title)
         output.table(comparison_view(comparisons), "paired comparisons: a - b on the same problems")
 
 

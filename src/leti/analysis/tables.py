@@ -1,5 +1,5 @@
 """The summary table and the tables read from it: pass@k, outcomes, shares, the reward-token probe,
-job times. Below both the plots and the reports, which read them."""
+each update against what it did, job times. Below both the plots and the reports, which read them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from leti.analysis.comparisons import PROBE_METRIC
 from leti.evaluate import OTHER_ERROR, SHARE_PREFIX, TRACKED_ERRORS
 from leti.io import ArtifactError, read_json, read_jsonl
 from leti.layout import BASE_POLICY, parse_policy, policy_name
@@ -231,6 +232,49 @@ def probe_table(summary: pd.DataFrame) -> pd.DataFrame:
     )
     order = sorted(table.index, key=lambda key: (key[0], *_policy_order(key[1])))
     return table.loc[order].reset_index().fillna("-")
+
+
+def update_table(comparisons: pd.DataFrame, logs: pd.DataFrame) -> pd.DataFrame:
+    """One row per trained policy: its own iteration's optimizer steps and training loss at the end
+    (the mean over the last quarter of those steps), then per task set its pass@1 minus the base
+    model's (under <|good|> where it was evaluated under several prefixes) and the probe's good - bad,
+    each with its paired 95% CI and p-value. Across the arms of a sweep: what each update cost
+    against what its reward token learned."""
+    passes = comparisons[(comparisons["kind"] == "vs_base") & (comparisons["metric"] == "pass@1")]
+    passes = passes.sort_values("reward_prefix_a", key=lambda prefix: prefix != "good", kind="stable")
+    passes = passes.drop_duplicates(["policy_a", "dataset", "split"])
+    probes = comparisons[
+        (comparisons["kind"] == "probe_good_vs_bad")
+        & (comparisons["metric"] == PROBE_METRIC)
+        & (comparisons["policy_a"] != BASE_POLICY)
+    ]
+    columns: dict[str, pd.Series] = {}
+    for rows, name, number in [(passes, "pass@1 - base", "+.3f"), (probes, "good - bad", "+.4f")]:
+        for (dataset, split), group in rows.groupby(["dataset", "split"]):
+            group = group.set_index("policy_a")
+            cells = [
+                with_ci(*row, number=number)
+                for row in group[["difference", "ci_low", "ci_high"]].itertuples(index=False)
+            ]
+            columns[f"{dataset}/{split} {name} [95% CI]"] = pd.Series(cells, index=group.index)
+            columns[f"{dataset}/{split} {name} p"] = group["p_value"].map("{:.3g}".format)
+    table = training_ends(logs).join(pd.DataFrame(columns), how="outer")
+    order = sorted(table.index, key=_policy_order)
+    return table.loc[order].rename_axis("policy").reset_index().fillna("-")
+
+
+def training_ends(logs: pd.DataFrame) -> pd.DataFrame:
+    """Per trained policy (the index): its own iteration's optimizer steps, and the mean loss of the
+    last quarter of them (at least one), as cells."""
+    rows = {}
+    if not logs.empty:
+        for (experiment, iteration), steps in logs.groupby(["experiment", "iteration"]):
+            losses = steps.sort_values("step")["loss"]
+            rows[policy_name(experiment, iteration)] = {
+                "steps": str(len(losses)),
+                "loss at the end": f"{losses.tail(math.ceil(len(losses) / 4)).mean():.3f}",
+            }
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["steps", "loss at the end"])
 
 
 def outcome_rows(summary: pd.DataFrame) -> pd.DataFrame:
