@@ -40,7 +40,7 @@ from leti.io import (
     write_jsonl,
 )
 from leti.model.device import resolve_device, training_dtype
-from leti.model.tokens import LETI_SPECIAL_TOKENS
+from leti.model.tokens import LETI_SPECIAL_TOKENS, padding_id
 from leti.records import FeedbackExample, TrainStep
 
 IGNORE_INDEX = -100
@@ -411,7 +411,7 @@ def finetune(
     run_id = fingerprint(settings, model_dir, feedback_path, previous_adapter)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     examples = read_jsonl(feedback_path, FeedbackExample)
     if not examples:
         raise ArtifactError(f"{feedback_path}: no training examples")

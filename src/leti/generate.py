@@ -49,7 +49,7 @@ from leti.config import Device, GenerationSettings, ModelDtype
 from leti.errors import LetiError
 from leti.io import read_jsonl, write_jsonl
 from leti.model.device import inference_dtype, resolve_device
-from leti.model.tokens import RewardPrefix, reward_token
+from leti.model.tokens import RewardPrefix, padding_id, reward_token
 from leti.progress import StageProgress
 from leti.records import FinishReason, Problem, Sample
 from leti.tasks.own_tests import strip_own_tests
@@ -334,8 +334,7 @@ class Decoder:
     ):
         self.tokenizer = tokenizer
         self.settings = settings
-        pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-        self.forward = CachedForward(model, pad_id)
+        self.forward = CachedForward(model, padding_id(tokenizer))
         self.end = SequenceEnd(model, tokenizer, settings)
 
     def requests(self, problems: Sequence[Problem]) -> list[Request]:

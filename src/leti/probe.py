@@ -30,7 +30,7 @@ from leti.finetune import IGNORE_INDEX, TokenizedText, collate, forward_passes
 from leti.generate import load_policy, policy_input
 from leti.io import read_jsonl, write_json
 from leti.layout import parse_policy
-from leti.model.tokens import BAD, GOOD, RewardPrefix
+from leti.model.tokens import BAD, GOOD, RewardPrefix, padding_id
 from leti.progress import StageProgress
 from leti.records import Estimate, Probe, ProbeProblem, Problem
 
@@ -139,7 +139,7 @@ def probe_policy(
     model, tokenizer = load_policy(
         Path(model_dir), Path(adapter_dir) if adapter_dir else None, settings.dtype, settings.device
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     pairs = [
         (problem, good, bad)
         for problem in problems
