@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 
 from leti.analysis.comparisons import COMPARISON_COLUMNS
 from leti.analysis.plots import error_types_figure
@@ -179,6 +180,22 @@ def test_comparisons_pair_every_policy_with_the_base_and_the_arms(results: Path,
     assert (comparisons["num_problems"] == 10).all()
 
 
+def test_p_values_are_adjusted_within_each_family_of_comparisons(results: Path, tmp_path: Path) -> None:
+    for arm, rate in [("full", 0.9), ("lora", 0.8), ("slow", 0.4)]:
+        write_json(eval_path(results, f"{arm}/iter1"), metrics(f"{arm}/iter1", 1, rate))
+    _, outputs = summarize_into(results, tmp_path)
+    comparisons = pd.read_csv(outputs.comparisons)
+    family = comparisons[(comparisons["kind"] == "vs_base") & (comparisons["metric"] == "pass@1")]
+    assert len(family) == 5
+    expected = scipy_stats.false_discovery_control(family["p_value"].to_numpy(), method="bh")
+    assert family["p_adjusted"].to_numpy() == pytest.approx(expected)
+    assert (family["p_adjusted"] >= family["p_value"]).all()
+    assert (family["p_adjusted"] > family["p_value"]).any()
+    shown = leti("summary", str(results), "--markdown")
+    assert shown.returncode == 0, shown.stderr
+    assert "| p (BH) |" in shown.stdout
+
+
 def test_good_and_bad_prefixes_are_compared_per_policy(results: Path, tmp_path: Path) -> None:
     write_json(eval_path(results, "textual/iter1", "bad"), metrics("textual/iter1", 1, 0.1, prefix="bad"))
     summary, outputs = summarize_into(results, tmp_path)
@@ -276,7 +293,8 @@ def test_each_update_is_tabled_with_its_end_loss_its_cost_and_its_probe(
     assert table.loc["textual/iter1", "mbpp/test pass@1 - base [95% CI]"].startswith("+0.100 [")
     assert table.loc["binary/iter1", "mbpp/test pass@1 - base [95% CI]"].startswith("-0.100 [")
     assert table.loc["textual/iter1", "mbpp/test good - bad [95% CI]"].startswith("+0.0100 [")
-    assert float(table.loc["textual/iter1", "mbpp/test good - bad p"]) < 0.01
+    p, adjusted = table.loc["textual/iter1", "mbpp/test good - bad p (BH)"].split()
+    assert float(p) < 0.01 and float(adjusted.strip("()")) < 0.01
     assert table.loc["binary/iter1", "mbpp/test good - bad [95% CI]"] == "-"
     shown = leti("summary", str(results), "--markdown")
     assert shown.returncode == 0, shown.stderr

@@ -103,3 +103,9 @@ def test_a_few_discordant_problems_give_a_difference_ci_that_agrees_with_the_exa
     assert comparison.p_value == pytest.approx(0.25)
     assert comparison.difference == pytest.approx(-3 / 16)
     assert comparison.ci_low < -3 / 16 and comparison.ci_high >= 0.0
+
+
+def test_a_family_of_one_test_is_its_own_adjustment_and_larger_ones_are_raised() -> None:
+    assert stats.false_discovery_adjusted(np.array([0.03])).tolist() == [0.03]
+    assert stats.false_discovery_adjusted(np.array([])).size == 0
+    assert stats.false_discovery_adjusted(np.array([0.01, 0.04, 0.03])) == pytest.approx([0.03, 0.04, 0.04])

@@ -11,7 +11,9 @@ Three kinds, each on every evaluation task set:
   solutions' mean log-likelihood per token after <|good|> against after <|bad|> under one policy,
   and under a trained policy after <|good|> against under the base model.
 Each row has the difference a - b, its 95% paired-bootstrap CI and an exact paired test's p-value
-(leti.analysis.stats), for every pass@k and every task metric both sides have.
+(leti.analysis.stats), for every pass@k and every task metric both sides have. `p_adjusted` is the
+Benjamini-Hochberg adjustment within the row's family (kind, task set and metric): a sweep tests
+every setting against the base model at once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ COMPARISON_COLUMNS = [
     "ci_low",
     "ci_high",
     "p_value",
+    "p_adjusted",
     "test",
 ]
 
@@ -132,7 +135,13 @@ def comparisons_table(documents: Iterable[Metrics], probes: Sequence[Probe] = ()
     documents = list(documents)
     rows = [row for kind, a, b in comparison_pairs(documents) for row in compare_documents(kind, a, b)]
     rows += probe_comparisons(probes)
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    return with_adjusted_p(pd.DataFrame(rows, columns=COMPARISON_COLUMNS))
+
+
+def with_adjusted_p(table: pd.DataFrame) -> pd.DataFrame:
+    """`p_adjusted`: each family's p-values (same kind, task set and metric) adjusted together."""
+    families = table.groupby(["kind", "dataset", "split", "metric"], sort=False)["p_value"]
+    return table.assign(p_adjusted=families.transform(lambda p: stats.false_discovery_adjusted(p.to_numpy())))
 
 
 def probe_comparisons(probes: Sequence[Probe]) -> list[dict]:
@@ -172,7 +181,7 @@ def runs_table(documents_a: Iterable[Metrics], documents_b: Iterable[Metrics]) -
         if a.purpose == "eval" and b is not None
         for row in compare_documents("run_vs_run", a, b)
     ]
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    return with_adjusted_p(pd.DataFrame(rows, columns=COMPARISON_COLUMNS))
 
 
 def _evaluation_key(document: Metrics) -> tuple:

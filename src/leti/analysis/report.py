@@ -239,6 +239,7 @@ def comparison_view(comparisons: pd.DataFrame) -> pd.DataFrame:
                 for d, low, high in comparisons[["difference", "ci_low", "ci_high"]].itertuples(index=False)
             ],
             "p": comparisons["p_value"].map(lambda p: f"{p:.3g}"),
+            "p (BH)": comparisons["p_adjusted"].map(lambda p: f"{p:.3g}"),
             "test": comparisons["test"],
         }
     )

@@ -96,6 +96,15 @@ def compare(
     )
 
 
+def false_discovery_adjusted(p_values: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (scipy.stats.false_discovery_control) of one family of
+    tests: the share of false discoveries among those with an adjusted p <= q is at most q."""
+    p_values = np.asarray(p_values, dtype=float)
+    if p_values.size == 0:
+        return p_values
+    return stats.false_discovery_control(p_values, method="bh")
+
+
 def _bootstrap_interval(
     data: list[np.ndarray], statistic: Statistic, method: str = "BCa"
 ) -> tuple[float, float]:

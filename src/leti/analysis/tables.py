@@ -238,7 +238,7 @@ def update_table(comparisons: pd.DataFrame, logs: pd.DataFrame) -> pd.DataFrame:
     """One row per trained policy: its own iteration's optimizer steps and training loss at the end
     (the mean over the last quarter of those steps), then per task set its pass@1 minus the base
     model's (under <|good|> where it was evaluated under several prefixes) and the probe's good - bad,
-    each with its paired 95% CI and p-value. Across the arms of a sweep: what each update cost
+    each with its paired 95% CI, p-value and Benjamini-Hochberg adjusted p. Across the arms of a sweep: what each update cost
     against what its reward token learned."""
     passes = comparisons[(comparisons["kind"] == "vs_base") & (comparisons["metric"] == "pass@1")]
     passes = passes.sort_values("reward_prefix_a", key=lambda prefix: prefix != "good", kind="stable")
@@ -257,7 +257,10 @@ def update_table(comparisons: pd.DataFrame, logs: pd.DataFrame) -> pd.DataFrame:
                 for row in group[["difference", "ci_low", "ci_high"]].itertuples(index=False)
             ]
             columns[f"{dataset}/{split} {name} [95% CI]"] = pd.Series(cells, index=group.index)
-            columns[f"{dataset}/{split} {name} p"] = group["p_value"].map("{:.3g}".format)
+            p_cells = [
+                f"{p:.3g} ({q:.3g})" for p, q in zip(group["p_value"], group["p_adjusted"], strict=True)
+            ]
+            columns[f"{dataset}/{split} {name} p (BH)"] = pd.Series(p_cells, index=group.index)
     table = training_ends(logs).join(pd.DataFrame(columns), how="outer")
     order = sorted(table.index, key=_policy_order)
     return table.loc[order].rename_axis("policy").reset_index().fillna("-")
