@@ -158,6 +158,24 @@ HOSTILE: dict[str, tuple[str, ExecutionStatus, str | None]] = {
         ExecutionStatus.failed,
         "HarnessChannelClosed",
     ),
+    # A pass needs the token the dispatcher drew for this run; the program never saw it.
+    "forges_a_pass_on_the_result_fd_and_exits": (
+        'import os\nos.write(3, b\'{"outcome": "passed"}\')\nos._exit(0)\n',
+        ExecutionStatus.failed,
+        "HarnessError",
+    ),
+    "forges_a_pass_with_a_guessed_token_and_exits": (
+        "import json, os\n"
+        "os.write(3, json.dumps({'outcome': 'passed', 'token': '0' * 32}).encode())\n"
+        "os._exit(0)\n",
+        ExecutionStatus.failed,
+        "HarnessError",
+    ),
+    "forges_a_pass_on_the_result_fd_then_fails": (
+        'import os\nos.write(3, b\'{"outcome": "passed"}\')\nassert 1 == 2\n',
+        ExecutionStatus.failed,
+        "HarnessError",
+    ),
     "leaves_files_everywhere": (
         "import os\n"
         "for folder in ('/tmp', '.', '/dev/shm'):\n"

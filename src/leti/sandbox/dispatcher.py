@@ -118,7 +118,7 @@ class Limits:
 # --- the child: one program
 
 
-def _child(source: str, limits: Limits, out_w: int, err_w: int, result_w: int) -> None:
+def _child(source: str, limits: Limits, out_w: int, err_w: int, result_w: int, token: str) -> None:
     os.setsid()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for number in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
@@ -181,6 +181,7 @@ def _child(source: str, limits: Limits, out_w: int, err_w: int, result_w: int) -
         result = {"outcome": "passed"}
     except BaseException as error:
         result = _describe(error)
+    result["token"] = token
     if os.getpid() != harness_pid:
         # A process the program forked returned through the harness: only the original
         # child speaks for the run.
@@ -292,6 +293,8 @@ def run_program(source: str, limits: Limits) -> dict:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     result_r, result_w = os.pipe()
+    # Drawn for this run only: a message on the result pipe without it was not the harness's.
+    token = os.urandom(16).hex()
     started = time.monotonic()
     try:
         pid = os.fork()
@@ -304,7 +307,7 @@ def run_program(source: str, limits: Limits) -> dict:
             os.close(out_r)
             os.close(err_r)
             os.close(result_r)
-            _child(source, limits, out_w, err_w, result_w)
+            _child(source, limits, out_w, err_w, result_w, token)
         finally:
             _exit(CHILD_SETUP_FAILED)
     for fd in (out_w, err_w, result_w):
@@ -336,7 +339,7 @@ def run_program(source: str, limits: Limits) -> dict:
         _wipe(limits.wipe, limits.scratch)
     if watch.host_gone:
         raise HostGone
-    verdict = _verdict(status, bytes(result), timed_out, overflow, limits)
+    verdict = _verdict(status, bytes(result), token, timed_out, overflow, limits)
     verdict.update(
         scratch=limits.scratch,
         stdout=stdout.text(),
@@ -472,7 +475,7 @@ def _children() -> list[int]:
     return children
 
 
-def _verdict(status: int, result: bytes, timed_out: bool, overflow: bool, limits: Limits) -> dict:
+def _verdict(status: int, result: bytes, token: str, timed_out: bool, overflow: bool, limits: Limits) -> dict:
     if overflow:
         return _failure(
             "failed",
@@ -486,7 +489,7 @@ def _verdict(status: int, result: bytes, timed_out: bool, overflow: bool, limits
             "HarnessChannelClosed",
             "the program closed or replaced the harness's file descriptors before its tests finished",
         )
-    message = _parse_result(result)
+    message = _parse_result(result, token)
     if message is not None and message.get("outcome") == "passed":
         return {"status": "passed"}
     if message is not None and message.get("outcome") == "exception":
@@ -509,7 +512,11 @@ def _verdict(status: int, result: bytes, timed_out: bool, overflow: bool, limits
             )
         return _failure("failed", "Killed", f"the program was killed by signal {signal.Signals(number).name}")
     if result:
-        return _failure("failed", "HarnessError", "the program corrupted the harness's result message")
+        return _failure(
+            "failed",
+            "HarnessError",
+            "the program wrote on the harness's result channel or corrupted its message",
+        )
     code = os.WEXITSTATUS(status)
     if code == CHILD_SETUP_FAILED:
         return _failure("sandbox_error", "SandboxError", "the sandbox could not set up the program's process")
@@ -525,12 +532,13 @@ def _seconds(value: float) -> str:
     return f"{value:g} second{'' if value == 1 else 's'}"
 
 
-def _parse_result(result: bytes) -> dict | None:
+def _parse_result(result: bytes, token: str) -> dict | None:
+    """The harness's message: one JSON object carrying this run's token."""
     try:
         message = json.loads(result)
     except ValueError:
         return None
-    return message if isinstance(message, dict) else None
+    return message if isinstance(message, dict) and message.get("token") == token else None
 
 
 def _failure(status: str, kind: str, message: str) -> dict:
