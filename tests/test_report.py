@@ -194,6 +194,11 @@ def test_p_values_are_adjusted_within_each_family_of_comparisons(results: Path, 
     shown = leti("summary", str(results), "--markdown")
     assert shown.returncode == 0, shown.stderr
     assert "| p (BH) |" in shown.stdout
+    # A comparisons.csv an earlier version wrote, without p_adjusted, is recomputed, not misread.
+    comparisons.drop(columns="p_adjusted").to_csv(results / "comparisons.csv", index=False)
+    shown = leti("summary", str(results), "--markdown")
+    assert shown.returncode == 0, shown.stderr
+    assert "| p (BH) |" in shown.stdout
 
 
 def test_good_and_bad_prefixes_are_compared_per_policy(results: Path, tmp_path: Path) -> None:

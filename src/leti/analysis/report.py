@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from leti.analysis.comparisons import comparisons_table, runs_table
+from leti.analysis.comparisons import COMPARISON_COLUMNS, comparisons_table, runs_table
 from leti.analysis.tables import (
     metrics_under,
     outcome_table,
@@ -198,7 +198,10 @@ def print_summary(results: str | os.PathLike[str], output: TableOutput) -> None:
         title = "reward-token probe: reference solutions' log-likelihood per token, 95% CIs"
         output.table(probe_table(summary), title, "{:.4f}")
     saved = root / "comparisons.csv"
-    comparisons = pd.read_csv(saved) if saved.is_file() else comparisons_table(documents, probes)
+    comparisons = pd.read_csv(saved) if saved.is_file() else pd.DataFrame()
+    if not set(COMPARISON_COLUMNS) <= set(comparisons.columns):
+        # None written yet, or one written by an earlier version without today's columns.
+        comparisons = comparisons_table(documents, probes)
     if not comparisons.empty:
         updates = update_table(comparisons, training_logs(train_logs))
         if not updates.empty:
