@@ -271,6 +271,7 @@ def test_probes_are_summarised_and_compared(results: Path, tmp_path: Path) -> No
     assert (
         "reward-token probe" in shown.stdout and "| mbpp/test | textual/iter1 | 12 | +0.0100" in shown.stdout
     )
+    assert "| mbpp/test | loglik_per_token | base <good> | base <bad> | 12 |" in shown.stdout
 
 
 def test_each_update_is_tabled_with_its_end_loss_its_cost_and_its_probe(

@@ -30,7 +30,6 @@ from leti.analysis.tables import (
     with_ci,
 )
 from leti.io import ArtifactError, read_json, read_jsonl
-from leti.layout import BASE_POLICY
 from leti.records import Execution, FeedbackExample, Metrics, Problem, Sample, TrainStep
 
 
@@ -228,7 +227,8 @@ def comparison_view(comparisons: pd.DataFrame) -> pd.DataFrame:
     """comparisons.csv for reading: a and b with their prefixes, the difference with its CI, p."""
 
     def side(policy: pd.Series, prefix: pd.Series) -> pd.Series:
-        return policy.where(policy == BASE_POLICY, policy + " <" + prefix + ">")
+        # The base model's evaluations have no prefix; its probe sides have <good> and <bad>.
+        return policy.where(prefix == "none", policy + " <" + prefix + ">")
 
     return pd.DataFrame(
         {
