@@ -238,8 +238,8 @@ def update_table(comparisons: pd.DataFrame, logs: pd.DataFrame) -> pd.DataFrame:
     """One row per trained policy: its own iteration's optimizer steps and training loss at the end
     (the mean over the last quarter of those steps), then per task set its pass@1 minus the base
     model's (under <|good|> where it was evaluated under several prefixes) and the probe's good - bad,
-    each with its paired 95% CI, p-value and Benjamini-Hochberg adjusted p. Across the arms of a sweep: what each update cost
-    against what its reward token learned."""
+    each with its paired 95% CI, p-value and Benjamini-Hochberg adjusted p. Across the arms of a
+    sweep: what each update cost against what its reward token learned."""
     passes = comparisons[(comparisons["kind"] == "vs_base") & (comparisons["metric"] == "pass@1")]
     passes = passes.sort_values("reward_prefix_a", key=lambda prefix: prefix != "good", kind="stable")
     passes = passes.drop_duplicates(["policy_a", "dataset", "split"])
