@@ -122,42 +122,55 @@ AssertionError
 '''
 
 
-@pytest.fixture(scope="session")
-def tiny_raw_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer Qwen2 and a byte-level BPE tokenizer, as a plain HF folder (no LETI tokens yet).
+def write_tiny_qwen(
+    folder: Path,
+    corpus: str,
+    *,
+    tied: bool,
+    max_positions: int = 256,
+    extra_rows: int = 0,
+    initializer_range: float = 0.3,
+) -> Path:
+    """A random 2-layer Qwen2 and a byte-level BPE tokenizer trained on `corpus`, as a plain HF folder.
 
-    Byte-level, so it encodes any text; weights large enough that its logits are sharp,
-    so that greedy choices are far from ties and training visibly lowers the loss.
+    Byte-level, so it encodes any text. The default `initializer_range` makes the logits sharp, so
+    that greedy choices are far from ties and training visibly lowers the loss. `extra_rows`:
+    embedding rows beyond the tokenizer, as Qwen's checkpoints have.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny") / "raw"
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    bpe.train_from_iterator([TINY_CORPUS] * 10, trainer)
+    bpe.train_from_iterator([corpus] * 10, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) + extra_rows,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tied,
+        initializer_range=initializer_range,
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2 with tied embeddings (`write_tiny_qwen`), no LETI tokens yet."""
+    return write_tiny_qwen(tmp_path_factory.mktemp("tiny") / "raw", TINY_CORPUS, tied=True, max_positions=512)
 
 
 @pytest.fixture(scope="session")

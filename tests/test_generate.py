@@ -7,15 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_qwen
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 from leti.config import GenerationSettings
@@ -84,30 +81,8 @@ def problem(index: int, prompt: str, stops: list[str] | None = None) -> Problem:
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Qwen2 with a byte-level BPE tokenizer, prepared by `leti model prepare`'s code."""
     root = tmp_path_factory.mktemp("tiny")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator([CORPUS] * 10, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        # Sharp logits: greedy choices are far from ties, and an end token is a real possibility.
-        initializer_range=0.3,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(root / "raw")
-    tokenizer.save_pretrained(root / "raw")
+    # Untied, and sharp logits: greedy choices are far from ties, and an end token is a real possibility.
+    write_tiny_qwen(root / "raw", CORPUS, tied=False)
     prepare_model(str(root / "raw"), root / "base")
     return root / "base"
 

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from conftest import write_tiny_qwen
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedTokenizerFast,
-    Qwen2Config,
     Qwen2ForCausalLM,
 )
 
@@ -42,31 +41,9 @@ for item in range(10):
 
 
 def tiny_checkpoint(folder: Path, *, tied: bool, extra_rows: int = 0) -> Path:
-    """A random 2-layer Qwen2 and a byte-level BPE tokenizer trained here; `extra_rows` embedding
-    rows beyond the tokenizer, as Qwen's checkpoints have."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator([CORPUS] * 10, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    config = Qwen2Config(
-        vocab_size=len(tokenizer) + extra_rows,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """A random 2-layer Qwen2 at the default initialisation; `extra_rows` embedding rows beyond the
+    tokenizer, as Qwen's checkpoints have."""
+    return write_tiny_qwen(folder, CORPUS, tied=tied, extra_rows=extra_rows, initializer_range=0.02)
 
 
 def load(folder: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
