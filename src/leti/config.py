@@ -186,7 +186,7 @@ class FinetuneConfig(Section):
         description="lora: a LoRA adapter and the LETI tokens' embedding rows train; full: every weight "
         "trains, as the reference fine-tunes (an iteration's output folder then holds the whole model).",
     )
-    learning_rate: float = Field(default=2e-4, gt=0)
+    learning_rate: float = Field(default=2e-5, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: NonNegativeCount = 0
     weight_decay: float = Field(default=0.01, ge=0)
