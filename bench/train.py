@@ -68,9 +68,10 @@ def run_trl(model: str, feedback: str, threads: int) -> float:
     from trl import SFTConfig, SFTTrainer
 
     from leti.io import read_jsonl
+    from leti.model.device import set_cpu_threads
     from leti.records import FeedbackExample
 
-    torch.set_num_threads(threads)
+    set_cpu_threads(threads)
     texts = [example.text for example in read_jsonl(feedback, FeedbackExample)]
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     with tempfile.TemporaryDirectory() as scratch:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,31 @@ def test_dtypes_follow_the_hardware(monkeypatch: pytest.MonkeyPatch, bf16: bool)
     assert inference_dtype("auto", cpu) == training_dtype("auto", cpu)
     with pytest.raises(DeviceError):
         training_dtype("float16", cpu)
+
+
+# oneMKL chooses its kernels once per process, so each check is a fresh process, as every job is.
+FIRST_PARALLEL_CALLS = """
+import torch
+from leti.model.device import VML_OPS, set_cpu_threads
+
+set_cpu_threads(2)
+assert torch.get_num_threads() == 2
+positions = torch.arange(300)[None].expand(12, 300)[..., None]
+# The rotary embedding's angles for 12 x 300 positions, scaled into every op's domain.
+angles = positions * torch.tensor([1.0, 0.1, 0.01, 0.001]) / 300 * 0.99 + 0.005
+for dtype in (torch.float32, torch.float64):
+    for name in VML_OPS:
+        # Built as the rotary embedding builds them, right before its cos: this parallel op wakes
+        # the second thread, so that both threads start the op together.
+        x = torch.cat((angles, angles), dim=-1).to(dtype)
+        first, second = getattr(torch, name)(x), getattr(torch, name)(x)
+        assert torch.equal(first, second), f"{name} {dtype}: off by {(first - second).abs().max():.2g}"
+"""
+
+
+def test_the_first_parallel_call_of_every_vml_op_equals_the_next() -> None:
+    """Without the warm-up in set_cpu_threads, about one fresh process in seven got a wrong first
+    call on a 2-core Intel Xeon (bench/vml_race.py; pytorch/pytorch#188792)."""
+    for _ in range(8):
+        result = subprocess.run([sys.executable, "-c", FIRST_PARALLEL_CALLS], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]

@@ -145,13 +145,12 @@ def config_check(
 @model_app.command("prepare")
 def model_prepare(output: OutputPath, settings: Settings = "{}", threads: Threads = 1) -> None:
     """Build the base model as a plain Hugging Face folder, with the LETI special tokens added."""
-    import torch
-
     from leti.config import ModelConfig
+    from leti.model.device import set_cpu_threads
     from leti.model.sources import prepare_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(threads)
+    set_cpu_threads(threads)
     source = ModelConfig.model_validate_json(settings).source
     ids = prepare_model(source, output)
     stderr.print(f"{source} -> {output} (LETI token ids {ids})")

@@ -39,7 +39,7 @@ from leti.io import (
     read_jsonl,
     write_jsonl,
 )
-from leti.model.device import resolve_device, training_dtype
+from leti.model.device import resolve_device, set_cpu_threads, training_dtype
 from leti.model.tokens import LETI_SPECIAL_TOKENS, padding_id
 from leti.records import FeedbackExample, TrainStep
 
@@ -404,7 +404,7 @@ def finetune(
     from leti.progress import StageProgress
 
     if threads:
-        torch.set_num_threads(threads)
+        set_cpu_threads(threads)
     # device: cuda without a visible GPU fails here, before any work.
     accelerator = Accelerator(cpu=resolve_device(settings.device).type == "cpu")
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else None

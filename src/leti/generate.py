@@ -48,7 +48,7 @@ from transformers import (
 from leti.config import Device, GenerationSettings, ModelDtype
 from leti.errors import LetiError
 from leti.io import read_jsonl, write_jsonl
-from leti.model.device import inference_dtype, resolve_device
+from leti.model.device import inference_dtype, resolve_device, set_cpu_threads
 from leti.model.tokens import RewardPrefix, padding_id, reward_token
 from leti.progress import StageProgress
 from leti.records import FinishReason, Problem, Sample
@@ -426,7 +426,7 @@ def generate_file(
     console: Console | None = None,
 ) -> list[Sample]:
     """Sample every problem of a task file and write `samples.jsonl` (ordered by task, then sample)."""
-    torch.set_num_threads(threads)
+    set_cpu_threads(threads)
     torch.manual_seed(settings.seed)
     problems = read_jsonl(tasks, Problem)[: settings.max_problems]
     model, tokenizer = load_policy(model_dir, adapter_dir, settings.dtype, settings.device)

@@ -30,6 +30,7 @@ from leti.finetune import IGNORE_INDEX, TokenizedText, collate, forward_passes
 from leti.generate import load_policy, policy_input
 from leti.io import read_jsonl, write_json
 from leti.layout import parse_policy
+from leti.model.device import set_cpu_threads
 from leti.model.tokens import BAD, GOOD, RewardPrefix, padding_id
 from leti.progress import StageProgress
 from leti.records import Estimate, Probe, ProbeProblem, Problem
@@ -134,7 +135,7 @@ def probe_policy(
         TimeRemainingColumn,
     )
 
-    torch.set_num_threads(threads)
+    set_cpu_threads(threads)
     problems = read_jsonl(tasks, Problem)
     model, tokenizer = load_policy(
         Path(model_dir), Path(adapter_dir) if adapter_dir else None, settings.dtype, settings.device

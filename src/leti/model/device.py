@@ -4,6 +4,9 @@
 natively: CUDA GPUs that have it, and CPUs with AVX-512 BF16 or AMX (about 2.7x faster for
 batched decoding than float32 there, BENCHMARKS.md); elsewhere float32. Inference on a CUDA GPU
 without bfloat16 runs in float16; training never does (its small updates underflow).
+
+`set_cpu_threads` is how every stage sets torch's CPU threads: it also works around a race in
+oneMKL that otherwise makes reruns of one job differ.
 """
 
 from __future__ import annotations
@@ -14,9 +17,33 @@ import torch
 
 from leti.errors import LetiError
 
+# ATen's float and double unary ops that call oneMKL's vector math (VML), as aten/src/ATen/cpu/vml.h
+# lists them.
+VML_OPS = (
+    "acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp",
+    "log", "log10", "log2", "sin", "sqrt", "tan", "tanh", "trunc",
+)  # fmt: skip
+
 
 class DeviceError(LetiError):
     pass
+
+
+def set_cpu_threads(threads: int) -> None:
+    """torch's intra-op threads, with each VML kernel resolved first, on this one thread.
+
+    oneMKL chooses a VML function's kernel on its first call. When two intra-op threads make that
+    first call at once, one of them can run a low-accuracy kernel on its half of the tensor
+    (pytorch/pytorch#188792; the oneMKL that torch's wheels bundle). On a 2-core Intel Xeon the
+    rotary embedding's `cos` came out up to 1.5e-4 wrong in one process in ten, so one job rerun
+    wrote other numbers. A one-element call of each op, before any parallel one, settles every
+    dispatch; `bench/vml_race.py` measures the race with and without it.
+    """
+    torch.set_num_threads(threads)
+    for dtype in (torch.float32, torch.float64):
+        element = torch.full((1,), 0.5, dtype=dtype)
+        for name in VML_OPS:
+            getattr(torch, name)(element)
 
 
 def resolve_device(name: str) -> torch.device:

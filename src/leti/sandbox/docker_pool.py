@@ -56,7 +56,7 @@ def connect() -> docker.DockerClient:
         raise DockerUnavailableError(
             f"cannot reach the Docker engine at {where} ({error}). Start it (`sudo systemctl start docker`, "
             "or `sudo dockerd &`); install it if missing (`sudo apt-get install docker.io`; "
-            "`make sandbox` does both as root); make sure you may use its socket (the `docker` group). "
+            "`make docker-engine` does both as root); make sure you may use its socket (the `docker` group). "
             "Or set execute.backend: local to use bubblewrap instead."
         ) from None
     return client
@@ -181,7 +181,7 @@ class DockerPool(SandboxPool):
         if image.dispatcher_sha256 != dispatcher_sha256():
             raise SandboxError(
                 f"the sandbox image {image.image} holds another version of dispatcher.py; "
-                "rebuild it with `leti sandbox build` (or `make sandbox`)"
+                "rebuild it: rerun the workflow (its build_sandbox job), or `leti sandbox build --output FILE`"
             )
         self.image = image
         self.client = connect()
@@ -190,7 +190,7 @@ class DockerPool(SandboxPool):
         except ImageNotFound:
             raise SandboxError(
                 f"the sandbox image {image.image} is not in the Docker engine; build it with "
-                "`leti sandbox build` (or `make sandbox`)"
+                "the workflow (its build_sandbox job), or `leti sandbox build --output FILE`"
             ) from None
         self.owner = owner_label()
         reap_leftovers(self.client)

@@ -126,8 +126,8 @@ def _debootstrap(client: docker.DockerClient, suite: str, log: Log) -> None:
         )
     if os.geteuid() != 0:
         raise SandboxError(
-            "making the base image with debootstrap needs root: run `sudo leti sandbox build` once "
-            "(or `make sandbox` as root), or make a container registry reachable."
+            "making the base image with debootstrap needs root: run the workflow's build_sandbox job "
+            "once as root (`sudo make run` starts with it), or make a container registry reachable."
         )
     log(f"debootstrap: a minimal Debian {suite} with python3 (about a minute)")
     with tempfile.TemporaryDirectory(prefix="leti-debootstrap-") as work:
