@@ -403,8 +403,7 @@ def finetune(
 
     from leti.progress import StageProgress
 
-    if threads:
-        set_cpu_threads(threads)
+    set_cpu_threads(threads)
     # device: cuda without a visible GPU fails here, before any work.
     accelerator = Accelerator(cpu=resolve_device(settings.device).type == "cpu")
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else None

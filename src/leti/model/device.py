@@ -29,17 +29,20 @@ class DeviceError(LetiError):
     pass
 
 
-def set_cpu_threads(threads: int) -> None:
-    """torch's intra-op threads, with each VML kernel resolved first, on this one thread.
+def set_cpu_threads(threads: int | None) -> None:
+    """torch's intra-op threads (None keeps torch's count), with each VML kernel resolved first, on
+    this one thread.
 
     oneMKL chooses a VML function's kernel on its first call. When two intra-op threads make that
-    first call at once, one of them can run a low-accuracy kernel on its half of the tensor
-    (pytorch/pytorch#188792; the oneMKL that torch's wheels bundle). On a 2-core Intel Xeon the
-    rotary embedding's `cos` came out up to 1.5e-4 wrong in one process in ten, so one job rerun
-    wrote other numbers. A one-element call of each op, before any parallel one, settles every
-    dispatch; `bench/vml_race.py` measures the race with and without it.
+    first call at once, one of them can run a low-accuracy kernel on its part of the tensor
+    (pytorch/pytorch#188792; oneMKL 2024.2, as torch 2.13's wheels bundle it). On a 2-core Intel
+    Xeon a fresh process's first `cos`, `sin`, `exp` or `log` came out wrong (up to 1.5e-4 for `cos`)
+    in 28 of 200 processes, so one job rerun wrote other numbers. A one-element call of each op,
+    before any parallel one, settles every dispatch; `bench/vml_race.py` measures the race with
+    and without it.
     """
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     for dtype in (torch.float32, torch.float64):
         element = torch.full((1,), 0.5, dtype=dtype)
         for name in VML_OPS:
