@@ -14,11 +14,15 @@ SNAKEMAKE := $(BIN)/snakemake $(SNAKEMAKE_ARGS)
 # The CPU build of torch. On a GPU machine, install your CUDA build of torch into
 # .venv first (any 2.x from 2.4 on); setup keeps a torch that is already there.
 TORCH_SPEC ?= torch==2.13.0
-# Use a local MBPP copy when one sits beside the checkout; otherwise the workflow
-# downloads the pinned public file and checks its sha256.
-export LETI_MBPP_PATH ?= $(wildcard $(abspath ../shared/data/mbpp/mbpp.jsonl))
-# The same for GENEVA (event argument extraction; CC BY 3.0), a folder laid out as its repository.
-export LETI_GENEVA_DIR ?= $(wildcard $(abspath ../shared/data/geneva))
+# Use local data copies when they sit beside the checkout, or beside the local checkout this one
+# was cloned from (`git clone . /tmp/x`); otherwise the workflow downloads the pinned public files
+# and checks their sha256s.
+CLONED_FROM := $(shell git config --get remote.origin.url 2>/dev/null)
+SHARED_DATA := $(firstword $(wildcard $(abspath ../shared/data) \
+	$(if $(filter /%,$(CLONED_FROM)),$(abspath $(CLONED_FROM)/../shared/data))))
+export LETI_MBPP_PATH ?= $(wildcard $(SHARED_DATA)/mbpp/mbpp.jsonl)
+# GENEVA (event argument extraction; CC BY 3.0): a folder laid out as its repository.
+export LETI_GENEVA_DIR ?= $(wildcard $(SHARED_DATA)/geneva)
 
 .PHONY: setup run dry-run test lint clean docker-engine slurm
 
