@@ -12,9 +12,12 @@ import torch
 import yaml
 from conftest import REPO, run_snakemake
 
-from leti.config import RULES, Config, ResourcesConfig, load_config_file
+import leti.config
+import leti.model.gpus
+from leti.config import GPU_RULES, RULES, Config, ResourcesConfig, load_config_file
 from leti.model import device as devices
 from leti.model.device import DeviceError, inference_dtype, resolve_device, training_dtype
+from leti.model.gpus import visible_gpus, with_gpu_limit
 
 CPU_ONLY_RULES = {
     "download_mbpp",
@@ -52,7 +55,9 @@ def test_every_rule_has_its_configured_resources(workdir: Path) -> None:
         expected = config.resources.of(rule)
         assert resources["mem_mb"] == str(expected.mem_mb), rule
         assert resources["runtime"] == str(expected.runtime), rule
-        assert "gpu" not in resources, rule  # device: auto asks for no GPU
+        # device: auto asks for GPUs only where the planning machine has one
+        gpus = str(config.resources.gpus if visible_gpus() else 0)
+        assert resources.get("gpu") == (gpus if rule in GPU_RULES else None), rule
 
 
 def test_only_the_rules_that_run_a_model_ask_for_gpus_on_cuda(workdir: Path) -> None:
@@ -66,6 +71,36 @@ def test_only_the_rules_that_run_a_model_ask_for_gpus_on_cuda(workdir: Path) -> 
     assert with_gpus == {"generate", "finetune", "probe"}
     assert all(resources["gpu"] == "2" for rule, resources, _ in jobs if rule in with_gpus)
     assert not with_gpus & CPU_ONLY_RULES
+
+
+def test_device_auto_asks_for_gpus_where_the_planning_machine_has_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = load_config_file(REPO / "config.yaml")
+    assert config.device == "auto"
+    for gpus, asked in [(0, 0), (4, config.resources.gpus)]:
+        monkeypatch.setattr(leti.config, "visible_gpus", lambda gpus=gpus: gpus)
+        assert config.job_resources("generate")["gpu"] == asked
+        assert "gpu" not in config.job_resources("execute")
+    cpu = Config.model_validate({**config.model_dump(mode="json"), "device": "cpu"})
+    assert "gpu" not in cpu.job_resources("generate")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "gpus", "expected"),
+    [
+        (["--cores", "8"], 2, ["--cores", "8", "--resources", "gpu=2"]),
+        (["--cores", "8"], 0, ["--cores", "8"]),
+        (["--cores", "8", "--resources", "gpu=1"], 2, ["--cores", "8", "--resources", "gpu=1"]),
+        (["--profile", "profiles/slurm"], 2, ["--profile", "profiles/slurm"]),
+        (["--executor=slurm"], 2, ["--executor=slurm"]),
+    ],
+)
+def test_a_local_run_on_a_gpu_machine_counts_its_gpus(
+    monkeypatch: pytest.MonkeyPatch, arguments: list[str], gpus: int, expected: list[str]
+) -> None:
+    monkeypatch.setattr(leti.model.gpus, "visible_gpus", lambda: gpus)
+    assert with_gpu_limit(arguments) == expected
 
 
 def test_resources_fall_back_rule_then_default() -> None:

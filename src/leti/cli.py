@@ -449,10 +449,12 @@ def inspect(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def snakemake(context: typer.Context) -> None:
     """Run Snakemake with these arguments in this folder (what `make run` does), first removing the
-    lock of a Snakemake that was killed here; a lock that a live Snakemake holds stays."""
+    lock of a Snakemake that was killed here; a lock that a live Snakemake holds stays. On a machine
+    with GPUs, a local run gets `--resources gpu=N` unless the arguments set resources themselves."""
+    from leti.model.gpus import with_gpu_limit
     from leti.workflow_lock import run_snakemake
 
-    run_snakemake(context.args)
+    run_snakemake(with_gpu_limit(context.args))
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from leti.errors import LetiError
+from leti.model.gpus import visible_gpus
 from leti.model.tokens import RewardPrefix
 from leti.records import FeedbackMode, Purpose, TrainOn
 
@@ -657,12 +658,18 @@ class Config(Section):
         return FinetuneSettings(**section, seed=self.seed, device=self.device)
 
     def job_resources(self, rule: str) -> dict[str, int]:
-        """Snakemake resources of one rule's jobs: mem_mb, runtime (minutes) and, for the rules
-        that run a model on `device: cuda`, gpu (what the SLURM executor turns into --gpus)."""
+        """Snakemake resources of one rule's jobs: mem_mb, runtime (minutes) and, for the rules that
+        may run a model on a GPU, gpu: what the SLURM executor turns into --gpus, and what
+        `--resources gpu=N` counts on one machine, so that no two jobs share a GPU unless asked.
+
+        `device: cuda` asks for `resources.gpus`; `device: auto` asks for them only where the
+        machine that plans the run sees a GPU (a job there would take it), else for 0 (a SLURM login
+        node without GPUs submits CPU jobs); `device: cpu` for none."""
         job = self.resources.of(rule)
         resources = {"mem_mb": job.mem_mb, "runtime": job.runtime}
-        if rule in GPU_RULES and self.device == "cuda":
-            resources["gpu"] = self.resources.gpus
+        if rule in GPU_RULES and self.device != "cpu":
+            uses_gpu = self.device == "cuda" or visible_gpus() > 0
+            resources["gpu"] = self.resources.gpus if uses_gpu else 0
         return resources
 
     def mbpp_path(self) -> Path | None:
