@@ -1,4 +1,4 @@
-"""The sandbox image's archive: an execute job on a node whose engine lacks the sandbox image loads
+"""execute.image_archive: an execute job on a node whose engine lacks the sandbox image loads
 it from the archive build_sandbox saved.
 
 The Docker engine is shared with other runs, so the sandbox image itself is never removed:
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import docker
 import pytest
+from conftest import planned_jobs
 from docker.errors import ImageNotFound
 
 from leti.config import ExecuteConfig
@@ -25,9 +26,11 @@ from leti.execute import run_stage
 from leti.io import read_jsonl, write_json, write_jsonl
 from leti.records import Execution, Problem, Sample, SandboxImage
 from leti.sandbox import SandboxError
+from leti.sandbox.docker_pool import DockerPool
 from leti.sandbox.image import save_image
 
 LETI = Path(sys.executable).with_name("leti")
+ARCHIVE = "resources/sandbox/image.tar.gz"
 
 PROBLEM = Problem(
     task_id="toy/add",
@@ -166,3 +169,32 @@ def test_an_archive_of_another_image_is_a_clear_error(
         f"names ({record.image}): the archive is from another build; rerun build_sandbox"
     )
     assert not output.exists()
+
+
+def test_without_the_archive_a_missing_image_is_an_error_that_names_the_key(
+    throwaway: tuple[SandboxImage, Path],
+) -> None:
+    record, _ = throwaway
+    remove(record)
+    with pytest.raises(SandboxError) as raised:
+        DockerPool(ExecuteConfig(), record, 1)
+    message = str(raised.value)
+    assert message.startswith(f"the sandbox image {record.image} is not in the Docker engine of ")
+    assert message.endswith("set execute.image_archive: true")
+
+
+def test_with_image_archive_build_sandbox_saves_the_image_and_execute_jobs_take_it(workdir: Path) -> None:
+    (workdir / "archive.yaml").write_text("execute:\n  image_archive: true\n")
+    jobs = planned_jobs(workdir, "--configfile", str(workdir / "archive.yaml"))
+    (build,) = (job for job in jobs if job.rule == "build_sandbox")
+    assert build.outputs == ["resources/sandbox/image.json", ARCHIVE]
+    executions = [job for job in jobs if job.rule == "execute"]
+    assert executions and all(ARCHIVE in job.inputs for job in executions)
+
+
+def test_by_default_nothing_saves_or_reads_an_archive(workdir: Path) -> None:
+    jobs = planned_jobs(workdir)
+    (build,) = (job for job in jobs if job.rule == "build_sandbox")
+    assert build.outputs == ["resources/sandbox/image.json"]
+    executions = [job for job in jobs if job.rule == "execute"]
+    assert executions and not any(ARCHIVE in job.inputs for job in executions)
