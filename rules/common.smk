@@ -173,7 +173,23 @@ def metrics_settings(wildcards):
 
 
 def sandbox_image(wildcards):
-    return rules.build_sandbox.output[0] if LETI.execute.backend == "docker" else []
+    return rules.build_sandbox.output.record if LETI.execute.backend == "docker" else []
+
+
+def sandbox_archive_output():
+    """build_sandbox's archive of the image, with execute.image_archive: made on the node that built it."""
+    return {"archive": "resources/sandbox/image.tar.gz"} if LETI.execute.image_archive else {}
+
+
+def sandbox_archive(wildcards):
+    """The image's archive, for execute jobs on nodes whose engine lacks the image."""
+    wanted = LETI.execute.backend == "docker" and LETI.execute.image_archive
+    return rules.build_sandbox.output.archive if wanted else []
+
+
+def sandbox_options(wildcards, input):
+    """`--sandbox image.json`, and `--sandbox-archive` with the archive; nothing for the local backend."""
+    return " ".join(filter(None, (optional_flag(name)(wildcards, input) for name in ("sandbox", "sandbox_archive"))))
 
 
 def sandbox_sources(wildcards):

@@ -5,7 +5,8 @@ rule build_sandbox:
     input:
         unpack(sandbox_sources),
     output:
-        "resources/sandbox/image.json",
+        record="resources/sandbox/image.json",
+        **sandbox_archive_output(),
     params:
         # Only what shapes the image: a new timeout must not rebuild it and rerun every execution.
         settings=LETI.execute.model_dump_json(include={"image", "base_image", "python_image", "debootstrap_suite"}),
@@ -19,8 +20,14 @@ rule build_sandbox:
     benchmark:
         "benchmarks/build_sandbox.tsv"
     shell:
-        "leti sandbox build --dockerfile {input.dockerfile} --output {output} "
-        "--settings {params.settings:q} > {log} 2>&1"
+        # The default's command stays as it was to the letter: Snakemake reruns a job whose shell
+        # text changed, and a new image.json would rerun every execute job of a finished run.
+        (
+            "leti sandbox build --dockerfile {input.dockerfile} --output {output.record} --archive {output.archive} "
+            if LETI.execute.image_archive
+            else "leti sandbox build --dockerfile {input.dockerfile} --output {output} "
+        )
+        + "--settings {params.settings:q} > {log} 2>&1"
 
 
 rule execute:
@@ -28,11 +35,14 @@ rule execute:
         tasks=rules.prepare_tasks.output[0],
         samples=rules.generate.output.samples,
         sandbox=sandbox_image,
+        sandbox_archive=sandbox_archive,
     output:
         executions="results/{policy}/{purpose}/{dataset}/{split}/executions.jsonl",
     params:
-        sandbox=optional_flag("sandbox"),
-        settings=LETI.execute.model_dump_json(),
+        sandbox=sandbox_options,
+        # Not image_archive: where the image comes from changes no verdict, and a new key in this
+        # string would change it for every finished run and rerun all its execute jobs.
+        settings=LETI.execute.model_dump_json(exclude={"image_archive"}),
     threads: job_threads("execute")
     resources:
         **job_resources("execute"),

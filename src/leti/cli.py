@@ -164,18 +164,24 @@ def sandbox_build(
     base: Annotated[
         str | None, typer.Option(help="auto, registry or debootstrap: overrides execute.base_image.")
     ] = None,
+    archive: Annotated[
+        Path | None,
+        typer.Option(help="Also save the image here (gzip-compressed `docker save`), for nodes without it."),
+    ] = None,
 ) -> None:
     """Build the sandbox image (a no-op when it is up to date) and record its id."""
+    import functools
     import json
 
     from leti.execute import load_settings
     from leti.io import write_json
-    from leti.sandbox.image import build_image
+    from leti.sandbox.image import build_image, save_image
 
     section = json.loads(settings) | ({"base_image": base} if base else {})
-    record = build_image(
-        load_settings(json.dumps(section)), dockerfile, log=lambda line: stderr.out(line, highlight=False)
-    )
+    log = functools.partial(stderr.out, highlight=False)
+    record = build_image(load_settings(json.dumps(section)), dockerfile, log=log)
+    if archive is not None:
+        save_image(record, archive, log)
     write_json(output, record)
     stderr.print(f"sandbox image {record.image} ({record.base_kind} base) -> {output}")
 
@@ -257,11 +263,29 @@ def execute(
             exists=True, dir_okay=False, help="image.json from `leti sandbox build` (docker backend)."
         ),
     ] = None,
+    sandbox_archive: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="The image's archive from `leti sandbox build --archive`: loaded where the engine lacks the image.",
+        ),
+    ] = None,
 ) -> None:
     """Run every sample with its problem's tests in the sandbox."""
     from leti.execute import load_settings, run_stage
 
-    counts = run_stage(tasks, samples, output, load_settings(settings), threads, sandbox, stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    counts = run_stage(
+        tasks,
+        samples,
+        output,
+        load_settings(settings),
+        threads,
+        sandbox,
+        stderr,
+        sandbox_archive=sandbox_archive,
+    )
     summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "no samples"
     stderr.print(f"{summary} -> {output}")
 

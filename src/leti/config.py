@@ -162,6 +162,11 @@ class ExecuteConfig(Section):
         description="The official image used when a registry is reachable.",
     )
     debootstrap_suite: Name = Field(default="bookworm", description="Debian release of a debootstrap base.")
+    image_archive: bool = Field(
+        default=False,
+        description="Also save the image beside its record (resources/sandbox/image.tar.gz); an execute job "
+        "on a node whose Docker engine lacks it loads it from there. For clusters; docker backend only.",
+    )
 
 
 class RegularizerConfig(Section):

@@ -97,8 +97,10 @@ def run_stage(
     threads: int,
     sandbox: Path | None,
     console: Console | None = None,
+    sandbox_archive: Path | None = None,
 ) -> Counter[str]:
-    """`leti execute`: samples.jsonl -> executions.jsonl. Returns the count of each status."""
+    """`leti execute`: samples.jsonl -> executions.jsonl. Returns the count of each status.
+    `sandbox_archive`: where to load the image from on a node that lacks it."""
     problems = read_jsonl(tasks, Problem)
     sample_list = read_jsonl(samples, Sample)
     programs = programs_for(problems, sample_list, str(samples))
@@ -107,7 +109,7 @@ def run_stage(
     if sample_list:
         # More sandboxes than programs would only cost start-up time.
         size = settings.pool_size or min(threads, len(sample_list))
-        with open_pool(settings, size, image) as pool:
+        with open_pool(settings, size, image, sandbox_archive) as pool:
             executions = execute_samples(pool, sample_list, programs, settings, console)
     write_jsonl(output, executions)
     return Counter(execution.status.value for execution in executions)

@@ -189,8 +189,9 @@ class DockerPool(SandboxPool):
             self.client.images.get(image.image_id)
         except ImageNotFound:
             raise SandboxError(
-                f"the sandbox image {image.image} is not in the Docker engine; build it with "
-                "the workflow (its build_sandbox job), or `leti sandbox build --output FILE`"
+                f"the sandbox image {image.image} is not in the Docker engine of {socket.gethostname()}; "
+                "build it with the workflow (its build_sandbox job), or `leti sandbox build --output FILE`. "
+                "On a cluster whose nodes have Docker engines of their own, set execute.image_archive: true"
             ) from None
         self.owner = owner_label()
         reap_leftovers(self.client)
