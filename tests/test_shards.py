@@ -1,4 +1,5 @@
-"""Sharded generate and execute stages: the slices, the gather and its checks."""
+"""Sharded generate and execute stages: the slices, the gather and its checks, and a sharded DAG
+whose files are the unsharded run's."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import planned_jobs, run_snakemake, tiny_pipeline_config
 
-from leti.config import GenerationSettings
+from leti.config import ConfigError, GenerationSettings, load_config, load_config_file
 from leti.generate import generate_file
 from leti.io import ArtifactError, read_jsonl, write_jsonl
-from leti.records import Problem, Sample
+from leti.records import Execution, Problem, Sample
 from leti.shards import Shard, ShardError, gather_shards, request_keys
 
 
@@ -179,3 +182,108 @@ def test_the_cli_refuses_a_bad_shard_name_and_a_gather_that_does_not_add_up(tmp_
         [*generate, "--settings", settings, "--shard", "3-of-2"], capture_output=True, text=True
     )
     assert bad.returncode == 1 and "no shard 3 of 2" in bad.stderr
+
+
+# --- the config keys
+
+
+def test_shards_are_positive_whole_numbers_and_default_to_one() -> None:
+    from conftest import REPO
+
+    config = load_config_file(REPO / "config.yaml")
+    assert (config.generate.shards, config.evaluate.shards) == (1, 1)
+    paper = load_config_file(REPO / "config.yaml", REPO / "configs" / "paper.yaml")
+    assert (paper.generate.shards, paper.evaluate.shards) == (16, 4)
+    # Not a setting of the samples themselves: generation settings (and so the rules' params) lack it.
+    assert "shards" not in paper.generation_settings("rollouts", 0).model_dump()
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    for value in (0, -1, True, 1.5):
+        raw["generate"]["shards"] = value
+        with pytest.raises(ConfigError, match=r"generate\.shards"):
+            load_config(raw)
+
+
+# --- through the Snakemake DAG
+
+
+@pytest.mark.slow
+def test_a_sharded_run_writes_the_unsharded_files_and_a_lost_shard_reruns_alone(
+    tmp_path: Path, mbpp_path: Path, tiny_raw_model: Path
+) -> None:
+    config = tiny_pipeline_config(mbpp_path, tiny_raw_model)
+    config["data"]["limits"]["mbpp/train"] = 5  # 10 rollouts (n = 2 at temperature 0.8): 3 shards of 3, 3, 4
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    rollouts, evaluation = "results/base/rollouts/mbpp/train", "results/base/eval-none/mbpp/test"
+    targets = [f"{rollouts}/metrics.json", f"{evaluation}/metrics.json"]
+    files = [
+        f"{folder}/{name}"
+        for folder in (rollouts, evaluation)
+        for name in ("samples.jsonl", "executions.jsonl")
+    ]
+    unsharded = run_snakemake(tmp_path, "--cores", "2", *targets)
+    assert unsharded.returncode == 0, unsharded.stderr[-3000:]
+    before = {path: (tmp_path / path).read_bytes() for path in [*files, *targets]}
+
+    config["generate"]["shards"] = 3
+    config["evaluate"]["shards"] = 2
+    config_path.write_text(yaml.safe_dump(config))
+    plan = {(job.rule, job.outputs[0]) for job in planned_jobs(tmp_path, *targets)}
+    shard_outputs = {
+        (f"{stage}_shard", f"{folder}/shards/{index}-of-{count}/{name}")
+        for folder, count in ((rollouts, 3), (evaluation, 2))
+        for stage, name in (("generate", "samples.jsonl"), ("execute", "executions.jsonl"))
+        for index in range(1, count + 1)
+    }
+    gathers = {
+        (f"gather_{name}", f"{folder}/{name}.jsonl")
+        for folder in (rollouts, evaluation)
+        for name in ("samples", "executions")
+    }
+    assert plan == shard_outputs | gathers | {("evaluate", target) for target in targets}
+    sharded = run_snakemake(tmp_path, "--cores", "2", *targets)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+
+    for folder in (rollouts, evaluation):
+        samples = f"{folder}/samples.jsonl"
+        assert (tmp_path / samples).read_bytes() == before[samples]
+        # An execution's duration_s is its measured wall time, different in any two runs.
+        executions = read_jsonl(tmp_path / folder / "executions.jsonl", Execution)
+        unsharded_executions = [
+            Execution.model_validate_json(line) for line in before[f"{folder}/executions.jsonl"].splitlines()
+        ]
+        assert [e.model_dump(exclude={"duration_s"}) for e in executions] == [
+            e.model_dump(exclude={"duration_s"}) for e in unsharded_executions
+        ]
+        shards = sorted((tmp_path / folder / "shards").iterdir())
+        assert (tmp_path / folder / "executions.jsonl").read_bytes() == b"".join(
+            (shard / "executions.jsonl").read_bytes() for shard in shards
+        )
+    assert [
+        len(read_jsonl(shard / "samples.jsonl", Sample))
+        for shard in sorted((tmp_path / rollouts / "shards").iterdir())
+    ] == [3, 3, 4]
+    # Evaluation never learns about shards: the same metrics.
+    assert all((tmp_path / target).read_bytes() == before[target] for target in targets)
+
+    again = run_snakemake(tmp_path, "--dry-run", "--cores", "2", *targets)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    # What a run whose rollout shard 2 failed leaves: no files of that shard, no gathers, nothing
+    # after them. The rerun redoes that shard alone, then what depends on it.
+    for lost in (
+        "shards/2-of-3/samples.jsonl",
+        "shards/2-of-3/executions.jsonl",
+        "samples.jsonl",
+        "executions.jsonl",
+        "metrics.json",
+    ):
+        (tmp_path / rollouts / lost).unlink()
+    plan = {(job.rule, job.outputs[0]) for job in planned_jobs(tmp_path, *targets)}
+    assert plan == {
+        ("generate_shard", f"{rollouts}/shards/2-of-3/samples.jsonl"),
+        ("execute_shard", f"{rollouts}/shards/2-of-3/executions.jsonl"),
+        ("gather_samples", f"{rollouts}/samples.jsonl"),
+        ("gather_executions", f"{rollouts}/executions.jsonl"),
+        ("evaluate", f"{rollouts}/metrics.json"),
+    }
