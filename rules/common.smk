@@ -3,10 +3,12 @@
 import json
 import shlex
 from pathlib import Path
+from typing import get_args
 
 from leti.config import ConfigError, FeedbackSettings, load_config
 from leti.layout import POLICY_PATTERN, PURPOSE_PATTERN, eval_purpose, parse_policy, parse_purpose, policy_name
 from leti.model.sources import resolve_source
+from leti.model.tokens import RewardPrefix
 from leti.tasks.sources import GENEVA_ONTOLOGY, GENEVA_SHA256, GENEVA_SPLIT_FILES
 
 GENEVA_DOWNLOAD_DIR = "resources/data/geneva"
@@ -30,6 +32,14 @@ wildcard_constraints:
     iteration=r"[1-9][0-9]*",
     policy=POLICY_PATTERN,
     purpose=PURPOSE_PATTERN,
+
+
+# Rollouts and evaluations are each generated and executed in this many shards (docs/pipeline.md#shards).
+# `--set-scatter rollouts=N evaluations=M` overrides them for one run; the helpers below read the counts
+# back through scatter.*, so the rules always agree with the shard files.
+scattergather:
+    rollouts=LETI.generate.shards,
+    evaluations=LETI.evaluate.shards,
 
 
 def split_task_set(name):
@@ -198,6 +208,30 @@ def sandbox_sources(wildcards):
         "dockerfile": f"{workflow.basedir}/envs/sandbox.Dockerfile",
         "dispatcher": f"{workflow.basedir}/src/leti/sandbox/dispatcher.py",
     }
+
+
+# --- shards
+
+
+SHARD_FOLDER = "results/{policy}/{purpose}/{dataset}/{split}/shards/{scatteritem}"
+
+
+def shard_set(purpose_folder):
+    """The scatter of a purpose folder: rollouts, or evaluations for every eval-{prefix}."""
+    purpose, _ = parse_purpose(purpose_folder)
+    return scatter.rollouts if purpose == "rollouts" else scatter.evaluations
+
+
+def sharded_purposes():
+    """The purpose folders generated in more than one shard, as the shard and gather rules' wildcard
+    constraint; empty when nothing is sharded (those rules are then not defined)."""
+    purposes = ["rollouts", *(eval_purpose(prefix) for prefix in get_args(RewardPrefix))]
+    return "|".join(purpose for purpose in purposes if len(shard_set(purpose)("{scatteritem}")) > 1)
+
+
+def shard_files(pattern):
+    """An input function: every shard's file of one generate or execute job, shard 1 first."""
+    return lambda wildcards: shard_set(wildcards.purpose)(pattern, **dict(wildcards.items()))
 
 
 # --- feedback and fine-tuning

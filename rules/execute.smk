@@ -30,6 +30,13 @@ rule build_sandbox:
         + "--settings {params.settings:q} > {log} 2>&1"
 
 
+# One command for all samples of a task set and for one shard of them.
+EXECUTE = (
+    "leti execute --tasks {input.tasks} --samples {input.samples} {params.sandbox} "
+    "--output {output.executions} --settings {params.settings:q} --threads {threads} > {log} 2>&1"
+)
+
+
 rule execute:
     input:
         tasks=rules.prepare_tasks.output[0],
@@ -53,5 +60,55 @@ rule execute:
     benchmark:
         "benchmarks/execute/{policy}/{purpose}/{dataset}/{split}.tsv"
     shell:
-        "leti execute --tasks {input.tasks} --samples {input.samples} {params.sandbox} "
-        "--output {output.executions} --settings {params.settings:q} --threads {threads} > {log} 2>&1"
+        EXECUTE
+
+
+# Sharded purposes: each shard's samples run in a job of their own, gathered into executions.jsonl.
+if sharded_purposes():
+
+    rule execute_shard:
+        input:
+            tasks=rules.prepare_tasks.output[0],
+            samples=rules.generate_shard.output.samples,
+            sandbox=sandbox_image,
+        output:
+            executions=f"{SHARD_FOLDER}/executions.jsonl",
+        wildcard_constraints:
+            purpose=sharded_purposes(),
+        params:
+            sandbox=optional_flag("sandbox"),
+            settings=LETI.execute.model_dump_json(),
+        threads: job_threads("execute")
+        resources:
+            **job_resources("execute"),
+        conda:
+            "../envs/leti.yaml"
+        log:
+            "logs/execute_shard/{policy}/{purpose}/{dataset}/{split}/{scatteritem}.log",
+        benchmark:
+            "benchmarks/execute_shard/{policy}/{purpose}/{dataset}/{split}/{scatteritem}.tsv"
+        shell:
+            EXECUTE
+
+    rule gather_executions:
+        input:
+            tasks=rules.prepare_tasks.output[0],
+            shards=shard_files(rules.execute_shard.output.executions),
+        output:
+            executions=rules.execute.output.executions,
+        wildcard_constraints:
+            purpose=sharded_purposes(),
+        params:
+            settings=generation_settings,
+        localrule: True
+        conda:
+            "../envs/leti.yaml"
+        log:
+            "logs/gather_executions/{policy}/{purpose}/{dataset}/{split}.log",
+        benchmark:
+            "benchmarks/gather_executions/{policy}/{purpose}/{dataset}/{split}.tsv"
+        shell:
+            "leti gather {input.shards} --records executions --tasks {input.tasks} "
+            "--settings {params.settings:q} --output {output.executions} > {log} 2>&1"
+
+    ruleorder: gather_executions > execute

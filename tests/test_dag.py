@@ -105,7 +105,12 @@ def test_the_paper_config_plans_every_arm_at_full_scale(workdir: Path) -> None:
     arms, iterations, eval_sets = 3, 4, 2
     assert counts["finetune"] == counts["build_feedback"] == arms * iterations
     # Evaluations, then rollout pass rates: the base model's and the two learning arms' policies 1-3.
-    assert counts["evaluate"] == eval_sets * (1 + arms * iterations) + 1 + 2 * (iterations - 1)
+    rollouts, evaluations = 1 + 2 * (iterations - 1), eval_sets * (1 + arms * iterations)
+    assert counts["evaluate"] == evaluations + rollouts
+    # Rollouts in 16 shards, evaluations in 4, each gathered into one file.
+    assert counts["generate_shard"] == counts["execute_shard"] == 16 * rollouts + 4 * evaluations
+    assert counts["gather_samples"] == counts["gather_executions"] == rollouts + evaluations
+    assert counts["generate"] == counts["execute"] == 0
     # The gold arm trains on reference solutions: no rollouts of its own policies.
     assert not any(o.startswith("results/gold/") and "/rollouts/" in o for job in jobs for o in job.outputs)
 
@@ -286,3 +291,78 @@ def test_the_held_out_configs_train_one_iteration_and_evaluate_on_held_out_probl
     }
     assert limits == {"train": "64", "validation": None}
     assert run_snakemake(workdir, "--lint", "--configfile", configfile).returncode == 0
+
+
+SHARD_RULES = {"generate_shard", "execute_shard", "gather_samples", "gather_executions"}
+
+
+def with_shards(workdir: Path, generate: int, evaluate: int) -> None:
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["generate"]["shards"], config["evaluate"]["shards"] = generate, evaluate
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_one_shard_plans_exactly_the_unsharded_jobs(workdir: Path) -> None:
+    """config.yaml sets both counts to 1; leaving the keys out or overriding the scatters with 1
+    plans the same jobs, with the same inputs and outputs."""
+    plan = run_snakemake(workdir, "--dry-run", "--printshellcmds", "--cores", "2").stdout
+    assert "--shard" not in plan and "leti gather" not in plan
+    jobs = planned_jobs(workdir)
+    assert not SHARD_RULES & {job.rule for job in jobs}
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    del config["generate"]["shards"], config["evaluate"]["shards"]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    without_keys = planned_jobs(workdir, "--set-scatter", "rollouts=1", "evaluations=1")
+
+    def signatures(jobs: list[Job]) -> list[tuple[str, list[str], list[str]]]:
+        # safe_dump sorts the arms by name, and with them the order of summarize's inputs.
+        return sorted((job.rule, sorted(job.inputs), job.outputs) for job in jobs)
+
+    assert signatures(without_keys) == signatures(jobs)
+
+
+def test_shards_plan_a_job_per_shard_and_a_gather_per_file(workdir: Path) -> None:
+    unsharded = planned_jobs(workdir)
+    with_shards(workdir, generate=3, evaluate=2)
+    jobs = planned_jobs(workdir)
+    counts = Counter(job.rule for job in jobs)
+    rollouts, evaluations = 1 + 2 * (2 - 1), 2 * (1 + 2 * 2)
+    assert counts["generate_shard"] == counts["execute_shard"] == 3 * rollouts + 2 * evaluations
+    assert counts["gather_samples"] == counts["gather_executions"] == rollouts + evaluations
+    assert counts["generate"] == counts["execute"] == 0
+    # The gathers write the very files generate and execute wrote, and the other jobs are unchanged.
+    produced = {rule: sorted(o for job in jobs if job.rule == rule for o in job.outputs) for rule in counts}
+    before = {
+        rule: sorted(o for job in unsharded if job.rule == rule for o in job.outputs)
+        for rule in {job.rule for job in unsharded}
+    }
+    assert produced["gather_samples"] == before["generate"]
+    assert produced["gather_executions"] == before["execute"]
+    assert {rule: paths for rule, paths in produced.items() if rule not in SHARD_RULES} == {
+        rule: paths for rule, paths in before.items() if rule not in {"generate", "execute"}
+    }
+
+    rollout_folder = "results/textual/iter1/rollouts/mbpp/train"
+    gather = producer(jobs, f"{rollout_folder}/samples.jsonl")
+    shards = [f"{rollout_folder}/shards/{i}-of-3/samples.jsonl" for i in (1, 2, 3)]
+    assert gather.inputs == ["resources/tasks/mbpp/train.jsonl", *shards]
+    for shard in shards:
+        assert "results/textual/iter1/adapter" in producer(jobs, shard).inputs
+        execution = shard.replace("samples.jsonl", "executions.jsonl")
+        assert shard in producer(jobs, execution).inputs
+    evaluation = "results/base/eval-none/humaneval/test"
+    assert producer(jobs, f"{evaluation}/executions.jsonl").inputs[1:] == [
+        f"{evaluation}/shards/{i}-of-2/executions.jsonl" for i in (1, 2)
+    ]
+    assert run_snakemake(workdir, "--lint").returncode == 0
+
+
+def test_rollouts_alone_can_be_sharded(workdir: Path) -> None:
+    with_shards(workdir, generate=4, evaluate=1)
+    jobs = planned_jobs(workdir)
+    sharded = {job.outputs[0].split("/shards/")[0] for job in jobs if job.rule == "generate_shard"}
+    assert sharded == {
+        f"results/{policy}/rollouts/mbpp/train" for policy in ("base", "textual/iter1", "binary/iter1")
+    }
+    assert all("/eval-" in job.outputs[0] for job in jobs if job.rule in ("generate", "execute"))
+    assert Counter(job.rule for job in jobs)["generate_shard"] == 4 * 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -194,14 +194,24 @@ def generate(
     adapter: Annotated[Path | None, typer.Option(exists=True, file_okay=False)] = None,
     settings: Settings = "{}",
     threads: Threads = 1,
+    shard: Annotated[
+        str,
+        typer.Option(
+            metavar="I-of-N",
+            help="Only shard I of N of the requests: the I-th contiguous slice, in request order "
+            "(gather the N shards with `leti gather`).",
+        ),
+    ] = "1-of-1",
 ) -> None:
     """Sample completions for every problem from the base model plus an optional LoRA adapter."""
     from leti.config import GenerationSettings
     from leti.generate import generate_file
+    from leti.shards import Shard
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parsed = GenerationSettings.model_validate_json(settings)
-    samples = generate_file(model, tasks, output, parsed, adapter, threads, stderr)
+    part = Shard.parse(shard)
+    samples = generate_file(model, tasks, output, parsed, adapter, threads, stderr, part)
     tokens = sum(sample.completion_tokens for sample in samples)
     stderr.print(f"{len(samples)} samples, {tokens} generated tokens -> {output}")
 
@@ -288,6 +298,32 @@ def execute(
     )
     summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "no samples"
     stderr.print(f"{summary} -> {output}")
+
+
+@app.command()
+def gather(
+    shards: Annotated[
+        list[Path], typer.Argument(exists=True, dir_okay=False, help="The shards' files, shard 1 first.")
+    ],
+    records: Annotated[
+        Literal["samples", "executions"],
+        typer.Option(help="What the shards hold: samples (generate) or executions (execute)."),
+    ],
+    tasks: InputFile,
+    output: OutputPath,
+    settings: Settings = "{}",
+) -> None:
+    """Concatenate the shards of one generate or execute job into the file that job writes unsharded,
+    after checking that shard I of N holds exactly the I-th slice of the task set's requests."""
+    from leti.config import GenerationSettings
+    from leti.io import read_jsonl
+    from leti.records import Problem
+    from leti.shards import gather_shards, request_keys
+
+    parsed = GenerationSettings.model_validate_json(settings)
+    problems = read_jsonl(tasks, Problem)[: parsed.max_problems]
+    count = gather_shards(shards, output, records, request_keys(problems, parsed.n))
+    stderr.print(f"{count} {records} from {len(shards)} shards -> {output}")
 
 
 @app.command()

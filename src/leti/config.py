@@ -120,6 +120,11 @@ class RolloutConfig(SamplingConfig):
     """Sampling on the training problems, whose executions become feedback data."""
 
     tasks: str = "mbpp/train"
+    shards: Count = Field(
+        default=1,
+        description="Generate and execute each policy's rollouts in this many jobs, gathered into one "
+        "file (docs/pipeline.md#shards).",
+    )
 
 
 class ExecuteConfig(Section):
@@ -232,6 +237,11 @@ class FinetuneSettings(FinetuneConfig):
 
 class EvaluateConfig(SamplingConfig):
     tasks: list[str] = Field(min_length=1)
+    shards: Count = Field(
+        default=1,
+        description="Generate and execute each evaluation in this many jobs, gathered into one file "
+        "(docs/pipeline.md#shards).",
+    )
     k: list[Count] = Field(default_factory=lambda: [1], min_length=1)
     reward_prefix: RewardPrefix | list[RewardPrefix] = Field(
         default="good",

@@ -52,6 +52,7 @@ from leti.model.device import inference_dtype, resolve_device, set_cpu_threads
 from leti.model.tokens import RewardPrefix, padding_id, reward_token
 from leti.progress import StageProgress
 from leti.records import FinishReason, Problem, Sample
+from leti.shards import WHOLE, Shard
 from leti.tasks.own_tests import strip_own_tests
 
 log = logging.getLogger(__name__)
@@ -424,17 +425,19 @@ def generate_file(
     adapter_dir: Path | None = None,
     threads: int = 1,
     console: Console | None = None,
+    shard: Shard = WHOLE,
 ) -> list[Sample]:
-    """Sample every problem of a task file and write `samples.jsonl` (ordered by task, then sample)."""
+    """Sample every problem of a task file, or one shard of its requests (leti.shards), and write
+    `samples.jsonl` (ordered by task, then sample)."""
     set_cpu_threads(threads)
     torch.manual_seed(settings.seed)
     problems = read_jsonl(tasks, Problem)[: settings.max_problems]
     model, tokenizer = load_policy(model_dir, adapter_dir, settings.dtype, settings.device)
     decoder = Decoder(model, tokenizer, settings)
-    requests = decoder.requests(problems)
+    requests = shard.of(decoder.requests(problems))
     log.info(
-        "%d problems x %d samples, %s on %s, %d thread(s), batch %d",
-        len(problems), settings.n, model.dtype, model.device, threads, settings.batch_size,
+        "%d problems x %d samples, shard %s: %d samples, %s on %s, %d thread(s), batch %d",
+        len(problems), settings.n, shard, len(requests), model.dtype, model.device, threads, settings.batch_size,
     )  # fmt: skip
     progress = StageProgress(
         TextColumn("generate"),
