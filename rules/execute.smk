@@ -31,6 +31,9 @@ rule build_sandbox:
 
 
 # One command for all samples of a task set and for one shard of them.
+# Not image_archive in the settings: where the image comes from changes no verdict, and a new key in
+# this string would change it for every finished run and rerun all its execute jobs.
+EXECUTE_SETTINGS = LETI.execute.model_dump_json(exclude={"image_archive"})
 EXECUTE = (
     "leti execute --tasks {input.tasks} --samples {input.samples} {params.sandbox} "
     "--output {output.executions} --settings {params.settings:q} --threads {threads} > {log} 2>&1"
@@ -47,9 +50,7 @@ rule execute:
         executions="results/{policy}/{purpose}/{dataset}/{split}/executions.jsonl",
     params:
         sandbox=sandbox_options,
-        # Not image_archive: where the image comes from changes no verdict, and a new key in this
-        # string would change it for every finished run and rerun all its execute jobs.
-        settings=LETI.execute.model_dump_json(exclude={"image_archive"}),
+        settings=EXECUTE_SETTINGS,
     threads: job_threads("execute")
     resources:
         **job_resources("execute"),
@@ -71,13 +72,14 @@ if sharded_purposes():
             tasks=rules.prepare_tasks.output[0],
             samples=rules.generate_shard.output.samples,
             sandbox=sandbox_image,
+            sandbox_archive=sandbox_archive,
         output:
             executions=f"{SHARD_FOLDER}/executions.jsonl",
         wildcard_constraints:
             purpose=sharded_purposes(),
         params:
-            sandbox=optional_flag("sandbox"),
-            settings=LETI.execute.model_dump_json(),
+            sandbox=sandbox_options,
+            settings=EXECUTE_SETTINGS,
         threads: job_threads("execute")
         resources:
             **job_resources("execute"),
