@@ -236,6 +236,28 @@ def test_an_end_token_ends_the_sample_and_is_not_text(base_model: Path) -> None:
     assert ended.completion_tokens == tokens.index(tokens[3]) + 1
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_non_finite_logits_stop_generation_naming_the_sample(base_model: Path, temperature: float) -> None:
+    """float16 can overflow into NaN or inf logits; neither greedy nor sampled decoding may turn
+    them into a token."""
+    model, tokenizer = load_policy(base_model, None, "float32")
+    decoder = Decoder(model, tokenizer, settings(n=2, temperature=temperature))
+    requests = decoder.requests([problem(i, prompt) for i, prompt in enumerate(PROMPTS[:2])])
+    overflowing_prompt = list(requests[-1].prompt_ids)
+
+    def overflowing(**inputs: torch.Tensor) -> object:
+        """The model, with NaN logits for the prefill row of the second problem's prompt."""
+        output = model(**inputs)
+        for row, ids in enumerate(inputs["input_ids"].tolist()):
+            if ids[-len(overflowing_prompt) :] == overflowing_prompt:
+                output.logits[row] = float("nan")
+        return output
+
+    decoder.forward.model = overflowing
+    with pytest.raises(GenerationError, match=r"task 'T/1', sample 0, .*model\.dtype to float32"):
+        decoder.run(requests)
+
+
 # --- determinism and batching
 
 

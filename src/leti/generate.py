@@ -383,8 +383,24 @@ class Decoder:
         return [results[i] for i in range(len(requests))]
 
     def _choose(self, batch: _Batch) -> list[int]:
+        self._check_finite(batch)
         uniforms = torch.stack([row.uniforms[len(row.tokens)] for row in batch.rows])
         return choose_tokens(batch.logits, uniforms, self.settings.temperature, self.settings.top_p).tolist()
+
+    @staticmethod
+    def _check_finite(batch: _Batch) -> None:
+        """A NaN or infinite logit (float16 overflows) would turn into a silent choice: argmax takes
+        a NaN, and sampling's CDF of NaNs ends on the last token of the vocabulary."""
+        finite = torch.isfinite(batch.logits).all(dim=-1)
+        if bool(finite.all()):
+            return
+        row = batch.rows[int((~finite).int().argmax())]
+        raise GenerationError(
+            f"non-finite logits (NaN or inf) for task {row.request.problem.task_id!r}, sample "
+            f"{row.request.sample_index}, after {len(row.tokens)} generated tokens, in "
+            f"{batch.logits.dtype}: the model overflowed. Set model.dtype to float32 (or bfloat16 "
+            "where the hardware computes it)."
+        )
 
     def _row(self, request: Request) -> _Row:
         """A row for the request, with the uniforms its tokens are drawn with (its own generator)."""
