@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,13 @@ def test_non_finite_logits_stop_generation_naming_the_sample(base_model: Path, t
     decoder.forward.model = overflowing
     with pytest.raises(GenerationError, match=r"task 'T/1', sample 0, .*model\.dtype to float32"):
         decoder.run(requests)
+
+
+def test_the_cache_goes_under_the_name_the_installed_transformers_expects(base_model: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(base_model, [problem(0, PROMPTS[0])], n=2, max_new_tokens=4)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
 
 
 # --- determinism and batching

@@ -19,6 +19,7 @@ last bits with the batch; reruns with the same settings and threads are identica
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -127,14 +128,19 @@ def choose_tokens(
 
 
 def load_policy(
-    model_dir: Path, adapter_dir: Path | None, dtype: ModelDtype = "auto", device: Device = "auto"
+    model_dir: Path,
+    adapter_dir: Path | None,
+    dtype: ModelDtype = "auto",
+    device: Device = "auto",
+    merge_adapter: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The prepared base model with the adapter merged in (or the whole fine-tuned model that
-    `adapter_dir` holds), in eval mode on `device` (leti.model.device).
+    """The prepared base model with the adapter (merged in, or beside the weights), or the whole
+    fine-tuned model that `adapter_dir` holds, in eval mode on `device` (leti.model.device).
 
     The base is loaded straight in the inference dtype, as fine-tuning loads it: a float32 copy
     first would double the peak memory (4 GB for Qwen-0.5B). Merged, the adapter costs nothing
-    per token.
+    per token, but its update is rounded into the bfloat16 weights; unmerged, peft computes it in
+    float32 beside them (docs/model-and-generation.md#merged-or-unmerged-adapter).
     """
     target = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -273,6 +279,7 @@ class CachedForward:
         self.model = model
         self.pad_id = pad_id
         self.device = model.device
+        self.cache_argument = cache_argument(model)
 
     def prefill(self, rows: list[_Row]) -> _Batch:
         """Run the rows' prompts through the model; rows of one prompt share a single prefill row."""
@@ -286,9 +293,9 @@ class CachedForward:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_argument: cache},
         )
         prompts = _Batch([], cache, mask, positions[:, -1] + 1, output.logits[:, -1])
         where = {ids: i for i, ids in enumerate(unique)}
@@ -302,10 +309,16 @@ class CachedForward:
             input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1),
             attention_mask=mask,
             position_ids=batch.positions.unsqueeze(-1),
-            past_key_values=batch.cache,
             use_cache=True,
+            **{self.cache_argument: batch.cache},
         )
         return _Batch(batch.rows, batch.cache, mask, batch.positions + 1, output.logits[:, -1])
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which the model's forward takes the KV cache: `cache` from transformers 5.24
+    on, `past_key_values` before (5.24 still takes it, with a warning, until its removal in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def merged(batch: _Batch | None, new: _Batch) -> _Batch:
