@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_qwen
+import yaml
+from conftest import REPO, write_tiny_qwen
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
 )
 
-from leti.config import GenerationSettings
+from leti.config import GenerationSettings, load_config
 from leti.generate import (
     Decoder,
     GenerationError,
@@ -340,6 +342,44 @@ def test_zero_lora_is_the_base_model_and_a_trained_one_is_not(
         for a, b in zip(read_jsonl(base, Sample), read_jsonl(trained, Sample), strict=True)
     ]
     assert sum(changed) >= len(changed) // 2
+
+
+def test_an_unmerged_adapter_runs_beside_the_weights_and_generates_as_merged(
+    base_model: Path, tasks: Path, tmp_path: Path
+) -> None:
+    adapter = lora_adapter(base_model, tmp_path / "adapter", 5)
+    merged_model, _ = load_policy(base_model, adapter, "float32")
+    unmerged_model, _ = load_policy(base_model, adapter, "float32", merge_adapter=False)
+    assert not any(isinstance(module, LoraLayer) for module in merged_model.modules())
+    assert any(isinstance(module, LoraLayer) for module in unmerged_model.modules())
+    assert not any(parameter.requires_grad for parameter in unmerged_model.parameters())
+
+    base, merged, unmerged = (tmp_path / f"{name}.jsonl" for name in ("base", "merged", "unmerged"))
+    greedy = settings(temperature=0.0, n=1, max_new_tokens=16)
+    generate_file(base_model, tasks, base, greedy)
+    generate_file(base_model, tasks, merged, greedy, adapter_dir=adapter)
+    generate_file(base_model, tasks, unmerged, greedy.model_copy(update={"merge_adapter": False}), adapter)
+    assert unmerged.read_bytes() == merged.read_bytes() != base.read_bytes()
+
+
+def test_merge_adapter_is_in_the_generate_parameters_only_when_off(mbpp_path: Path) -> None:
+    """The generate rule's parameters are this dump: the default must leave it as it was before
+    the key existed, or every finished run would generate again."""
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["data"]["mbpp_path"] = str(mbpp_path)
+    default = load_config(raw).generation_settings("eval", 1)
+    assert "merge_adapter" not in json.loads(default.model_dump_json())
+    raw["model"]["merge_adapter"] = False
+    unmerged = load_config(raw)
+    dumped = unmerged.generation_settings("eval", 1).model_dump_json()
+    assert json.loads(dumped)["merge_adapter"] is False
+    assert GenerationSettings.model_validate_json(dumped).merge_adapter is False
+    assert GenerationSettings.model_validate_json(default.model_dump_json()).merge_adapter is True
+    # The base model has no adapter: its jobs stay as they are.
+    assert unmerged.generation_settings("rollouts", 0) == load_config(
+        {**raw, "model": {**raw["model"], "merge_adapter": True}}
+    ).generation_settings("rollouts", 0)
+    assert "merge_adapter" not in json.loads(unmerged.generation_settings("eval", 0).model_dump_json())
 
 
 def test_cli_generate(base_model: Path, tasks: Path, tmp_path: Path) -> None:

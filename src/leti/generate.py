@@ -153,14 +153,16 @@ def load_policy(
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+            adapted = PeftModel.from_pretrained(model, adapter_dir)
+            # Unmerged, the base model itself runs: peft injected its layers into it.
+            model = adapted.merge_and_unload() if merge_adapter else adapted.get_base_model()
         except (ValueError, RuntimeError) as error:
             raise GenerationError(
                 f"adapter {adapter_dir} does not fit the model {model_dir}: {error}"
             ) from None
     # Prefill asks for the last position's logits only, a strided [batch, 1, hidden] slice.
     # torch.matmul folds such an input into a matrix when the weight requires grad; for a
-    # frozen weight (as merge_and_unload leaves them) it broadcasts the 150k-row output
+    # frozen weight (as from_pretrained and merge_and_unload leave them) it broadcasts the 150k-row output
     # embedding over the batch instead: 8 GB for a prefill of 32 prompts.
     model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     model.to(target)
@@ -458,7 +460,9 @@ def generate_file(
     set_cpu_threads(threads)
     torch.manual_seed(settings.seed)
     problems = read_jsonl(tasks, Problem)[: settings.max_problems]
-    model, tokenizer = load_policy(model_dir, adapter_dir, settings.dtype, settings.device)
+    model, tokenizer = load_policy(
+        model_dir, adapter_dir, settings.dtype, settings.device, settings.merge_adapter
+    )
     decoder = Decoder(model, tokenizer, settings)
     requests = decoder.requests(problems)
     log.info(
