@@ -22,6 +22,7 @@ from leti.config import GenerationSettings, load_config
 from leti.generate import (
     Decoder,
     GenerationError,
+    NonFiniteLogits,
     choose_tokens,
     generate_file,
     load_policy,
@@ -144,6 +145,23 @@ def test_choose_tokens_inverse_cdf() -> None:
         2,
         1,
     ]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("top_p", [1.0, 0.75])
+def test_choose_tokens_refuses_non_finite_rows_and_allows_minus_infinity(
+    temperature: float, top_p: float
+) -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7]] * 5))
+    logits[0, 0] = float("-inf")  # a token that is never chosen
+    logits[1, 1] = float("nan")
+    logits[3, 2] = float("inf")
+    logits[4] = float("-inf")
+    uniforms = torch.full((5,), 0.5, dtype=torch.float64)
+    with pytest.raises(NonFiniteLogits) as raised:
+        choose_tokens(logits, uniforms, temperature, top_p)
+    assert raised.value.rows == [1, 3, 4]
+    assert choose_tokens(logits[[0, 2]], uniforms[:2], temperature, top_p).tolist() == [2, 2]
 
 
 def test_sample_seeds_are_stable_and_distinct() -> None:

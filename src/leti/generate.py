@@ -104,16 +104,29 @@ def sample_seed(seed: int, task_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+class NonFiniteLogits(GenerationError):
+    """Rows whose logits hold a NaN or +inf, or nothing but -inf (float16 overflows)."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__(f"non-finite logits in rows {rows}")
+        self.rows = rows
+
+
 def choose_tokens(
     logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
 ) -> torch.Tensor:
     """One token per row: greedy at temperature 0, else inverse-CDF sampling with each row's uniform.
 
     Drawing through a given uniform (not `torch.multinomial` on a shared generator) is what keeps
-    a row's choice independent of the other rows.
+    a row's choice independent of the other rows. Non-finite logits raise NonFiniteLogits rather
+    than turn into a silent choice: argmax takes a NaN, and the CDF of NaNs ends on the
+    vocabulary's last token. The check reads values computed anyway (the row's maximum, the CDF's
+    total), which are non-finite exactly then; a -inf beside finite logits is a token never chosen.
     """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        best, index = logits.max(dim=-1)
+        _check_finite(best)
+        return index
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     order = None
     if top_p < 1:
@@ -122,9 +135,16 @@ def choose_tokens(
         probs = probs * ((probs.cumsum(dim=-1, dtype=torch.float64) - probs) < top_p)
     # A float32 running sum over 150k entries drifts by more than the smallest probabilities.
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    _check_finite(cdf[:, -1])
     targets = uniforms.to(device=cdf.device, dtype=cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
     index = torch.searchsorted(cdf, targets, right=True).clamp_max(cdf.shape[-1] - 1)
     return (order.gather(-1, index) if order is not None else index).squeeze(-1)
+
+
+def _check_finite(per_row: torch.Tensor) -> None:
+    bad = ~torch.isfinite(per_row)
+    if bool(bad.any()):
+        raise NonFiniteLogits(bad.nonzero().flatten().tolist())
 
 
 def load_policy(
@@ -398,24 +418,18 @@ class Decoder:
         return [results[i] for i in range(len(requests))]
 
     def _choose(self, batch: _Batch) -> list[int]:
-        self._check_finite(batch)
         uniforms = torch.stack([row.uniforms[len(row.tokens)] for row in batch.rows])
-        return choose_tokens(batch.logits, uniforms, self.settings.temperature, self.settings.top_p).tolist()
-
-    @staticmethod
-    def _check_finite(batch: _Batch) -> None:
-        """A NaN or infinite logit (float16 overflows) would turn into a silent choice: argmax takes
-        a NaN, and sampling's CDF of NaNs ends on the last token of the vocabulary."""
-        finite = torch.isfinite(batch.logits).all(dim=-1)
-        if bool(finite.all()):
-            return
-        row = batch.rows[int((~finite).int().argmax())]
-        raise GenerationError(
-            f"non-finite logits (NaN or inf) for task {row.request.problem.task_id!r}, sample "
-            f"{row.request.sample_index}, after {len(row.tokens)} generated tokens, in "
-            f"{batch.logits.dtype}: the model overflowed. Set model.dtype to float32 (or bfloat16 "
-            "where the hardware computes it)."
-        )
+        settings = self.settings
+        try:
+            return choose_tokens(batch.logits, uniforms, settings.temperature, settings.top_p).tolist()
+        except NonFiniteLogits as error:
+            row = batch.rows[error.rows[0]]
+            raise GenerationError(
+                f"non-finite logits (NaN or inf) for task {row.request.problem.task_id!r}, sample "
+                f"{row.request.sample_index}, after {len(row.tokens)} generated tokens, in "
+                f"{batch.logits.dtype}: the model overflowed. Set model.dtype to float32 (or bfloat16 "
+                "where the hardware computes it)."
+            ) from None
 
     def _row(self, request: Request) -> _Row:
         """A row for the request, with the uniforms its tokens are drawn with (its own generator)."""
