@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_qwen
+import yaml
+from conftest import REPO, write_tiny_qwen
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
 )
 
-from leti.config import GenerationSettings
+from leti.config import GenerationSettings, load_config
 from leti.generate import (
     Decoder,
     GenerationError,
+    NonFiniteLogits,
     choose_tokens,
     generate_file,
     load_policy,
@@ -143,6 +147,23 @@ def test_choose_tokens_inverse_cdf() -> None:
     ]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("top_p", [1.0, 0.75])
+def test_choose_tokens_refuses_non_finite_rows_and_allows_minus_infinity(
+    temperature: float, top_p: float
+) -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7]] * 5))
+    logits[0, 0] = float("-inf")  # a token that is never chosen
+    logits[1, 1] = float("nan")
+    logits[3, 2] = float("inf")
+    logits[4] = float("-inf")
+    uniforms = torch.full((5,), 0.5, dtype=torch.float64)
+    with pytest.raises(NonFiniteLogits) as raised:
+        choose_tokens(logits, uniforms, temperature, top_p)
+    assert raised.value.rows == [1, 3, 4]
+    assert choose_tokens(logits[[0, 2]], uniforms[:2], temperature, top_p).tolist() == [2, 2]
+
+
 def test_sample_seeds_are_stable_and_distinct() -> None:
     seeds = {sample_seed(0, f"MBPP/{t}", i) for t in range(20) for i in range(8)}
     assert len(seeds) == 160
@@ -236,6 +257,35 @@ def test_an_end_token_ends_the_sample_and_is_not_text(base_model: Path) -> None:
     assert ended.completion_tokens == tokens.index(tokens[3]) + 1
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_non_finite_logits_stop_generation_naming_the_sample(base_model: Path, temperature: float) -> None:
+    """float16 can overflow into NaN or inf logits; neither greedy nor sampled decoding may turn
+    them into a token."""
+    model, tokenizer = load_policy(base_model, None, "float32")
+    decoder = Decoder(model, tokenizer, settings(n=2, temperature=temperature))
+    requests = decoder.requests([problem(i, prompt) for i, prompt in enumerate(PROMPTS[:2])])
+    overflowing_prompt = list(requests[-1].prompt_ids)
+
+    def overflowing(**inputs: torch.Tensor) -> object:
+        """The model, with NaN logits for the prefill row of the second problem's prompt."""
+        output = model(**inputs)
+        for row, ids in enumerate(inputs["input_ids"].tolist()):
+            if ids[-len(overflowing_prompt) :] == overflowing_prompt:
+                output.logits[row] = float("nan")
+        return output
+
+    decoder.forward.model = overflowing
+    with pytest.raises(GenerationError, match=r"task 'T/1', sample 0, .*model\.dtype to float32"):
+        decoder.run(requests)
+
+
+def test_the_cache_goes_under_the_name_the_installed_transformers_expects(base_model: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(base_model, [problem(0, PROMPTS[0])], n=2, max_new_tokens=4)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 # --- determinism and batching
 
 
@@ -310,6 +360,44 @@ def test_zero_lora_is_the_base_model_and_a_trained_one_is_not(
         for a, b in zip(read_jsonl(base, Sample), read_jsonl(trained, Sample), strict=True)
     ]
     assert sum(changed) >= len(changed) // 2
+
+
+def test_an_unmerged_adapter_runs_beside_the_weights_and_generates_as_merged(
+    base_model: Path, tasks: Path, tmp_path: Path
+) -> None:
+    adapter = lora_adapter(base_model, tmp_path / "adapter", 5)
+    merged_model, _ = load_policy(base_model, adapter, "float32")
+    unmerged_model, _ = load_policy(base_model, adapter, "float32", merge_adapter=False)
+    assert not any(isinstance(module, LoraLayer) for module in merged_model.modules())
+    assert any(isinstance(module, LoraLayer) for module in unmerged_model.modules())
+    assert not any(parameter.requires_grad for parameter in unmerged_model.parameters())
+
+    base, merged, unmerged = (tmp_path / f"{name}.jsonl" for name in ("base", "merged", "unmerged"))
+    greedy = settings(temperature=0.0, n=1, max_new_tokens=16)
+    generate_file(base_model, tasks, base, greedy)
+    generate_file(base_model, tasks, merged, greedy, adapter_dir=adapter)
+    generate_file(base_model, tasks, unmerged, greedy.model_copy(update={"merge_adapter": False}), adapter)
+    assert unmerged.read_bytes() == merged.read_bytes() != base.read_bytes()
+
+
+def test_merge_adapter_is_in_the_generate_parameters_only_when_off(mbpp_path: Path) -> None:
+    """The generate rule's parameters are this dump: the default must leave it as it was before
+    the key existed, or every finished run would generate again."""
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["data"]["mbpp_path"] = str(mbpp_path)
+    default = load_config(raw).generation_settings("eval", 1)
+    assert "merge_adapter" not in json.loads(default.model_dump_json())
+    raw["model"]["merge_adapter"] = False
+    unmerged = load_config(raw)
+    dumped = unmerged.generation_settings("eval", 1).model_dump_json()
+    assert json.loads(dumped)["merge_adapter"] is False
+    assert GenerationSettings.model_validate_json(dumped).merge_adapter is False
+    assert GenerationSettings.model_validate_json(default.model_dump_json()).merge_adapter is True
+    # The base model has no adapter: its jobs stay as they are.
+    assert unmerged.generation_settings("rollouts", 0) == load_config(
+        {**raw, "model": {**raw["model"], "merge_adapter": True}}
+    ).generation_settings("rollouts", 0)
+    assert "merge_adapter" not in json.loads(unmerged.generation_settings("eval", 0).model_dump_json())
 
 
 def test_cli_generate(base_model: Path, tasks: Path, tmp_path: Path) -> None:

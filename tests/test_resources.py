@@ -134,9 +134,22 @@ def test_devices_resolve() -> None:
         resolve_device("tpu")
 
 
-@pytest.mark.parametrize("bf16", [True, False])
-def test_dtypes_follow_the_hardware(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
-    monkeypatch.setattr(devices.torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+@pytest.mark.parametrize(
+    ("capability", "bf16"),
+    [((8, 0), True), ((9, 0), True), ((7, 0), False), ((7, 5), False)],
+    ids=["A100", "H100", "V100", "T4"],
+)
+def test_dtypes_follow_the_hardware(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], bf16: bool
+) -> None:
+    """An A100 or H100 computes bfloat16; a V100 (7.0) or T4 (7.5) only emulates it, and torch's
+    default answer counts emulation: such a GPU must generate in float16, not emulated bfloat16."""
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        # torch's documented behaviour: native from compute capability 8.0, emulated on any other GPU.
+        return capability >= (8, 0) or including_emulation
+
+    monkeypatch.setattr(devices.torch.cuda, "is_bf16_supported", is_bf16_supported)
     cuda = torch.device("cuda")
     assert inference_dtype("auto", cuda) == (torch.bfloat16 if bf16 else torch.float16)
     assert training_dtype("auto", cuda) == (torch.bfloat16 if bf16 else torch.float32)  # never float16

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from leti.errors import LetiError
 from leti.model.gpus import visible_gpus
@@ -105,6 +114,11 @@ class ModelConfig(Section):
     dtype: ModelDtype = Field(
         default="auto",
         description="The dtype the policy runs in; auto is bfloat16 where the CPU or GPU computes it natively.",
+    )
+    merge_adapter: bool = Field(
+        default=True,
+        description="Generate with the LoRA adapter merged into the weights (no cost per token, but in "
+        "bfloat16 the merge rounds away part of a small update); false keeps it beside them, in float32.",
     )
 
 
@@ -328,6 +342,16 @@ class GenerationSettings(SamplingConfig):
     max_problems: Count | None = Field(default=None, description="Only the first N problems of the task set.")
     dtype: ModelDtype = "auto"
     device: Device = "auto"
+    merge_adapter: bool = True
+
+    @model_serializer(mode="wrap")
+    def _without_default_merge(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The dump, the generate rule's parameters, has `merge_adapter` only when it is false: adding
+        the key left the parameters of every existing job, and so Snakemake's view of them, unchanged."""
+        dumped = serialize(self)
+        if self.merge_adapter:
+            dumped.pop("merge_adapter", None)
+        return dumped
 
 
 class MetricsSettings(Section):
@@ -644,6 +668,8 @@ class Config(Section):
             max_problems=self.problem_limit(purpose, prefix),
             dtype=self.model.dtype,
             device=self.device,
+            # The base model has no adapter: its jobs do not depend on the key.
+            merge_adapter=self.model.merge_adapter or policy_iteration == 0,
         )
 
     def metrics_settings(

@@ -19,6 +19,7 @@ last bits with the batch; reruns with the same settings and threads are identica
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,16 +105,29 @@ def sample_seed(seed: int, task_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+class NonFiniteLogits(GenerationError):
+    """Rows whose logits hold a NaN or +inf, or nothing but -inf (float16 overflows)."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__(f"non-finite logits in rows {rows}")
+        self.rows = rows
+
+
 def choose_tokens(
     logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
 ) -> torch.Tensor:
     """One token per row: greedy at temperature 0, else inverse-CDF sampling with each row's uniform.
 
     Drawing through a given uniform (not `torch.multinomial` on a shared generator) is what keeps
-    a row's choice independent of the other rows.
+    a row's choice independent of the other rows. Non-finite logits raise NonFiniteLogits rather
+    than turn into a silent choice: argmax takes a NaN, and the CDF of NaNs ends on the
+    vocabulary's last token. The check reads values computed anyway (the row's maximum, the CDF's
+    total), which are non-finite exactly then; a -inf beside finite logits is a token never chosen.
     """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        best, index = logits.max(dim=-1)
+        _check_finite(best)
+        return index
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     order = None
     if top_p < 1:
@@ -122,20 +136,32 @@ def choose_tokens(
         probs = probs * ((probs.cumsum(dim=-1, dtype=torch.float64) - probs) < top_p)
     # A float32 running sum over 150k entries drifts by more than the smallest probabilities.
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    _check_finite(cdf[:, -1])
     targets = uniforms.to(device=cdf.device, dtype=cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
     index = torch.searchsorted(cdf, targets, right=True).clamp_max(cdf.shape[-1] - 1)
     return (order.gather(-1, index) if order is not None else index).squeeze(-1)
 
 
+def _check_finite(per_row: torch.Tensor) -> None:
+    bad = ~torch.isfinite(per_row)
+    if bool(bad.any()):
+        raise NonFiniteLogits(bad.nonzero().flatten().tolist())
+
+
 def load_policy(
-    model_dir: Path, adapter_dir: Path | None, dtype: ModelDtype = "auto", device: Device = "auto"
+    model_dir: Path,
+    adapter_dir: Path | None,
+    dtype: ModelDtype = "auto",
+    device: Device = "auto",
+    merge_adapter: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The prepared base model with the adapter merged in (or the whole fine-tuned model that
-    `adapter_dir` holds), in eval mode on `device` (leti.model.device).
+    """The prepared base model with the adapter (merged in, or beside the weights), or the whole
+    fine-tuned model that `adapter_dir` holds, in eval mode on `device` (leti.model.device).
 
     The base is loaded straight in the inference dtype, as fine-tuning loads it: a float32 copy
     first would double the peak memory (4 GB for Qwen-0.5B). Merged, the adapter costs nothing
-    per token.
+    per token, but its update is rounded into the bfloat16 weights; unmerged, peft computes it in
+    float32 beside them (docs/model-and-generation.md#merged-or-unmerged-adapter).
     """
     target = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -148,14 +174,16 @@ def load_policy(
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+            adapted = PeftModel.from_pretrained(model, adapter_dir)
+            # Unmerged, the base model itself runs: peft injected its layers into it.
+            model = adapted.merge_and_unload() if merge_adapter else adapted.get_base_model()
         except (ValueError, RuntimeError) as error:
             raise GenerationError(
                 f"adapter {adapter_dir} does not fit the model {model_dir}: {error}"
             ) from None
     # Prefill asks for the last position's logits only, a strided [batch, 1, hidden] slice.
     # torch.matmul folds such an input into a matrix when the weight requires grad; for a
-    # frozen weight (as merge_and_unload leaves them) it broadcasts the 150k-row output
+    # frozen weight (as from_pretrained and merge_and_unload leave them) it broadcasts the 150k-row output
     # embedding over the batch instead: 8 GB for a prefill of 32 prompts.
     model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     model.to(target)
@@ -274,6 +302,7 @@ class CachedForward:
         self.model = model
         self.pad_id = pad_id
         self.device = model.device
+        self.cache_argument = cache_argument(model)
 
     def prefill(self, rows: list[_Row]) -> _Batch:
         """Run the rows' prompts through the model; rows of one prompt share a single prefill row."""
@@ -287,9 +316,9 @@ class CachedForward:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_argument: cache},
         )
         prompts = _Batch([], cache, mask, positions[:, -1] + 1, output.logits[:, -1])
         where = {ids: i for i, ids in enumerate(unique)}
@@ -303,10 +332,16 @@ class CachedForward:
             input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1),
             attention_mask=mask,
             position_ids=batch.positions.unsqueeze(-1),
-            past_key_values=batch.cache,
             use_cache=True,
+            **{self.cache_argument: batch.cache},
         )
         return _Batch(batch.rows, batch.cache, mask, batch.positions + 1, output.logits[:, -1])
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which the model's forward takes the KV cache: `cache` from transformers 5.24
+    on, `past_key_values` before (5.24 still takes it, with a warning, until its removal in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def merged(batch: _Batch | None, new: _Batch) -> _Batch:
@@ -385,7 +420,17 @@ class Decoder:
 
     def _choose(self, batch: _Batch) -> list[int]:
         uniforms = torch.stack([row.uniforms[len(row.tokens)] for row in batch.rows])
-        return choose_tokens(batch.logits, uniforms, self.settings.temperature, self.settings.top_p).tolist()
+        settings = self.settings
+        try:
+            return choose_tokens(batch.logits, uniforms, settings.temperature, settings.top_p).tolist()
+        except NonFiniteLogits as error:
+            row = batch.rows[error.rows[0]]
+            raise GenerationError(
+                f"non-finite logits (NaN or inf) for task {row.request.problem.task_id!r}, sample "
+                f"{row.request.sample_index}, after {len(row.tokens)} generated tokens, in "
+                f"{batch.logits.dtype}: the model overflowed. Set model.dtype to float32 (or bfloat16 "
+                "where the hardware computes it)."
+            ) from None
 
     def _row(self, request: Request) -> _Row:
         """A row for the request, with the uniforms its tokens are drawn with (its own generator)."""
@@ -432,7 +477,9 @@ def generate_file(
     set_cpu_threads(threads)
     torch.manual_seed(settings.seed)
     problems = read_jsonl(tasks, Problem)[: settings.max_problems]
-    model, tokenizer = load_policy(model_dir, adapter_dir, settings.dtype, settings.device)
+    model, tokenizer = load_policy(
+        model_dir, adapter_dir, settings.dtype, settings.device, settings.merge_adapter
+    )
     decoder = Decoder(model, tokenizer, settings)
     requests = shard.of(decoder.requests(problems))
     log.info(

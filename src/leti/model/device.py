@@ -1,9 +1,10 @@
 """Where a policy runs, and in which dtype: one place for generation and fine-tuning.
 
 `device` is the config's `auto | cpu | cuda`. bfloat16 is used where the hardware computes it
-natively: CUDA GPUs that have it, and CPUs with AVX-512 BF16 or AMX (about 2.7x faster for
-batched decoding than float32 there, BENCHMARKS.md); elsewhere float32. Inference on a CUDA GPU
-without bfloat16 runs in float16; training never does (its small updates underflow).
+natively: CUDA GPUs of compute capability 8.0 and later (Ampere on), ROCm GPUs, and CPUs with
+AVX-512 BF16 or AMX (about 2.7x faster for batched decoding than float32 there, BENCHMARKS.md);
+elsewhere float32. Inference on a CUDA GPU without native bfloat16 (a V100, a T4) runs in
+float16; training never does (its small updates underflow).
 
 `set_cpu_threads` is how every stage sets torch's CPU threads: it also works around a race in
 oneMKL that otherwise makes reruns of one job differ.
@@ -73,7 +74,9 @@ def resolve_device(name: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Does this device compute bfloat16 natively?"""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # By default torch also counts a GPU that merely emulates bfloat16 (a V100, a T4: float32
+        # kernels, slower than float16 there).
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
