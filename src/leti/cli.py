@@ -209,13 +209,39 @@ def probe(
     adapter: Annotated[Path | None, typer.Option(exists=True, file_okay=False)] = None,
     settings: Settings = "{}",
     threads: Threads = 1,
+    as_generated: Annotated[
+        bool,
+        typer.Option(
+            "--as-generated",
+            help="Score after <|good|> only, with the policy as generation loads it; --settings then holds "
+            "the probe's problems and the policy's generation settings (GenerationProbeSettings).",
+        ),
+    ] = False,
 ) -> None:
     """Score each reference solution after <|good|> and after <|bad|>, teacher-forced: has the policy
     learned what the reward tokens mean?"""
-    from leti.config import ProbeSettings
-    from leti.probe import probe_policy
+    from leti.config import GenerationProbeSettings, ProbeSettings
+    from leti.probe import probe_as_generated, probe_policy
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if as_generated:
+        generated = probe_as_generated(
+            model,
+            tasks,
+            output,
+            GenerationProbeSettings.model_validate_json(settings),
+            policy,
+            adapter,
+            threads,
+        )
+        good = generated.estimates.get("good")
+        scored = (
+            f"after good {good.value:+.4f} nats/token" if good else "no problem with a reference solution"
+        )
+        stderr.print(
+            f"{policy} as generated ({generated.dtype}) on {generated.num_problems} problems: {scored} -> {output}"
+        )
+        return
     result = probe_policy(
         model, tasks, output, ProbeSettings.model_validate_json(settings), policy, adapter, threads
     )

@@ -274,12 +274,15 @@ class EvaluateConfig(SamplingConfig):
         return [self.reward_prefix] if isinstance(self.reward_prefix, str) else list(self.reward_prefix)
 
 
-class ProbeScoring(Section):
+class ProbeProblems(Section):
     max_problems: Count | None = Field(
         default=100,
         description="Only the first N problems of each task set (those with a reference solution).",
     )
     forward_tokens: Count = Field(default=4096, description="Padded tokens per forward pass.")
+
+
+class ProbeScoring(ProbeProblems):
     dtype: ModelDtype = Field(
         default="float32",
         description="The dtype the policy is scored in. float32: the contrast is far below bfloat16's rounding.",
@@ -312,6 +315,13 @@ class GenerationSettings(SamplingConfig):
     max_problems: Count | None = Field(default=None, description="Only the first N problems of the task set.")
     dtype: ModelDtype = "auto"
     device: Device = "auto"
+
+
+class GenerationProbeSettings(ProbeProblems):
+    """What `leti probe --as-generated` receives: the probe's problems and forward passes, and the
+    settings the policy's evaluation generates with, so that the policy scored is the one that generates."""
+
+    generation: GenerationSettings
 
 
 class MetricsSettings(Section):
