@@ -374,6 +374,10 @@ def summarize(
     probe: Annotated[
         list[Path] | None, typer.Option(exists=True, dir_okay=False, help="probe.json files.")
     ] = None,
+    generation_probe: Annotated[
+        list[Path] | None,
+        typer.Option(exists=True, dir_okay=False, help="generation.json files (leti probe --as-generated)."),
+    ] = None,
 ) -> None:
     """Aggregate metrics and reward-token probes into summary.csv and comparisons.csv, and plot
     pass@k, sample efficiency, error types, training loss and the reward probe."""
@@ -389,7 +393,7 @@ def summarize(
         loss_plot,
         reward_probe_plot,
     )
-    table = write_summary(metrics, train_log or [], outputs, probe or [])
+    table = write_summary(metrics, train_log or [], outputs, probe or [], generation_probe or [])
     stderr.print(f"{len(table)} rows -> {csv}; comparisons -> {comparisons}")
 
 

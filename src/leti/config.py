@@ -468,9 +468,10 @@ RULES = (
     "finetune",
     "evaluate",
     "probe",
+    "probe_generation",
     "summarize",
 )
-GPU_RULES = ("generate", "finetune", "probe")
+GPU_RULES = ("generate", "finetune", "probe", "probe_generation")
 
 # Built-in sizes, for the 0.5B model on CPUs. Other rules take `default`.
 BUILTIN_RESOURCES = {
@@ -481,6 +482,7 @@ BUILTIN_RESOURCES = {
     "execute": JobResources(threads=4, mem_mb=2000, runtime=120),
     "finetune": JobResources(threads=4, mem_mb=8000, runtime=480),
     "probe": JobResources(threads=4, mem_mb=6000, runtime=120),
+    "probe_generation": JobResources(threads=4, mem_mb=6000, runtime=120),
 }
 
 
@@ -505,6 +507,7 @@ class ResourcesConfig(Section):
     finetune: JobResources = Field(default_factory=JobResources)
     evaluate: JobResources = Field(default_factory=JobResources)
     probe: JobResources = Field(default_factory=JobResources)
+    probe_generation: JobResources = Field(default_factory=JobResources)
     summarize: JobResources = Field(default_factory=JobResources)
     gpus: Count = Field(
         default=1, description="GPUs per generate, finetune and probe job when device is cuda."
@@ -612,6 +615,13 @@ class Config(Section):
 
     def probe_settings(self) -> ProbeSettings:
         return ProbeSettings(**self.probe.model_dump(exclude={"tasks"}), device=self.device)
+
+    def generation_probe_settings(self, policy_iteration: int) -> GenerationProbeSettings:
+        """The probe's problems, scored under the settings the policy's evaluation generates with."""
+        return GenerationProbeSettings(
+            **self.probe.model_dump(include=set(ProbeProblems.model_fields)),
+            generation=self.generation_settings("eval", policy_iteration),
+        )
 
     def generation_settings(
         self, purpose: Purpose, policy_iteration: int, reward_prefix: RewardPrefix | None = None
