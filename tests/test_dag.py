@@ -98,12 +98,12 @@ def test_every_policy_is_also_probed_as_generation_loads_it(workdir: Path) -> No
         adapters = [path for path in job.inputs if path.endswith("/adapter")]
         assert adapters == ([] if policy == "base" else [f"results/{policy}/adapter"])
     assert expected <= set(producer(jobs, "results/summary.csv").inputs)
-    # Each is scored under its policy's generation settings (model.dtype: auto), the float32 probe under its own.
+    # Each loads its policy as generation does (model.dtype: auto), the float32 probe as it always does.
     plan = run_snakemake(workdir, "--dry-run", "--cores", "2", "--printshellcmds").stdout
     commands = [line for line in plan.splitlines() if line.startswith("Shell command: leti probe ")]
     as_generated = [command for command in commands if "--as-generated" in command]
     assert len(as_generated) == len(expected) == len(commands) - len(as_generated)
-    assert all('"generation":' in command and '"dtype":"auto"' in command for command in as_generated)
+    assert all('"dtype":"auto"' in command and "temperature" not in command for command in as_generated)
     assert all('"dtype":"float32"' in command for command in commands if command not in as_generated)
 
 

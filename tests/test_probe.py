@@ -196,11 +196,7 @@ def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def as_generated_settings(dtype: str) -> GenerationProbeSettings:
-    generation = GenerationSettings(
-        n=1, temperature=0.0, top_p=1.0, max_new_tokens=16, seed=0, policy_iteration=1,
-        reward_prefix="good", dtype=dtype, device="cpu",
-    )  # fmt: skip
-    return GenerationProbeSettings(forward_tokens=256, generation=generation)
+    return GenerationProbeSettings(forward_tokens=256, dtype=dtype, device="cpu")
 
 
 def kept_shift(
@@ -250,8 +246,8 @@ def test_unmerged_in_float32_generation_keeps_the_whole_update(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    def unmerged(model_dir: Path, adapter_dir: Path | None, generation: GenerationSettings):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, generation.dtype))
+    def unmerged(model_dir: Path, adapter_dir: Path | None, settings: GenerationProbeSettings):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, settings.dtype))
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, adapter_dir)
         return model.eval(), AutoTokenizer.from_pretrained(model_dir)
@@ -272,3 +268,20 @@ def test_generation_is_scored_in_its_own_dtype(
     # bfloat16's rounding moves every score, and the ratio with them.
     assert all(abs(a.good - b.good) > 1e-4 for a, b in zip(policy.problems, float32.problems, strict=True))
     assert abs(ratio - float32_ratio) > 1e-4
+
+
+def test_the_probe_as_generated_loads_the_policy_as_its_evaluation_does() -> None:
+    from conftest import REPO
+
+    from leti.config import load_config_file
+
+    config = load_config_file(REPO / "config.yaml")
+    settings = config.generation_probe_settings(1)
+    generation = config.generation_settings("eval", 1)
+    assert (settings.dtype, settings.device) == (generation.dtype, generation.device)
+    assert (settings.max_problems, settings.forward_tokens) == (100, 4096)
+    # What is sampled is no part of it: a new temperature reruns the evaluations, not this probe.
+    hotter = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"temperature": 0.5})})
+    assert hotter.generation_probe_settings(1) == settings
+    in_float32 = config.model_copy(update={"model": config.model.model_copy(update={"dtype": "float32"})})
+    assert in_float32.generation_probe_settings(1).dtype == "float32"

@@ -214,7 +214,7 @@ def probe(
         typer.Option(
             "--as-generated",
             help="Score after <|good|> only, with the policy as generation loads it; --settings then holds "
-            "the probe's problems and the policy's generation settings (GenerationProbeSettings).",
+            "the probe's problems and generation's dtype and device (GenerationProbeSettings).",
         ),
     ] = False,
 ) -> None:

@@ -318,10 +318,18 @@ class GenerationSettings(SamplingConfig):
 
 
 class GenerationProbeSettings(ProbeProblems):
-    """What `leti probe --as-generated` receives: the probe's problems and forward passes, and the
-    settings the policy's evaluation generates with, so that the policy scored is the one that generates."""
+    """What `leti probe --as-generated` receives: the probe's problems and forward passes, and how the
+    policy's evaluation loads the policy (`Config.generation_probe_settings`), so that the policy scored
+    is the one that generates, and a change of what is sampled reruns nothing here."""
 
-    generation: GenerationSettings
+    dtype: ModelDtype = "auto"
+    device: Device = "auto"
+
+
+# GenerationSettings' fields that choose what is sampled; every other one is how the policy is loaded.
+SAMPLING_FIELDS = frozenset(
+    {*SamplingConfig.model_fields, "seed", "policy_iteration", "reward_prefix", "max_problems"}
+)
 
 
 class MetricsSettings(Section):
@@ -617,10 +625,13 @@ class Config(Section):
         return ProbeSettings(**self.probe.model_dump(exclude={"tasks"}), device=self.device)
 
     def generation_probe_settings(self, policy_iteration: int) -> GenerationProbeSettings:
-        """The probe's problems, scored under the settings the policy's evaluation generates with."""
+        """The probe's problems, with the policy loaded as its evaluation loads it. A loading setting
+        added to GenerationSettings fails validation here until GenerationProbeSettings has it too
+        (and leti.probe.generating_policy passes it on): it cannot be left out unnoticed."""
+        generation = self.generation_settings("eval", policy_iteration)
         return GenerationProbeSettings(
             **self.probe.model_dump(include=set(ProbeProblems.model_fields)),
-            generation=self.generation_settings("eval", policy_iteration),
+            **generation.model_dump(exclude=set(SAMPLING_FIELDS)),
         )
 
     def generation_settings(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from leti.analysis import stats
-from leti.config import GenerationProbeSettings, GenerationSettings, ProbeProblems, ProbeSettings
+from leti.config import GenerationProbeSettings, ProbeProblems, ProbeSettings
 from leti.finetune import IGNORE_INDEX, TokenizedText, collate, forward_passes
 from leti.generate import ADAPTER_CONFIG, load_policy, policy_input
 from leti.io import read_jsonl, write_json
@@ -226,11 +226,11 @@ def probe_policy(
     return probe
 
 
-def generating_policy(model_dir: Path, adapter_dir: Path | None, generation: GenerationSettings):
-    """(model, tokenizer): the policy exactly as `leti generate` loads it under `generation`. The one
-    place here that turns generation settings into a loaded policy, so that every way generation may
-    load it (dtype, device, the adapter merged or not) reaches the probe as well."""
-    return load_policy(model_dir, adapter_dir, generation.dtype, generation.device)
+def generating_policy(model_dir: Path, adapter_dir: Path | None, settings: GenerationProbeSettings):
+    """(model, tokenizer): the policy exactly as `leti generate` loads it. The one place here that turns
+    generation's loading settings (dtype, device, and any other way generation may load the policy,
+    such as keeping the adapter unmerged) into a loaded policy."""
+    return load_policy(model_dir, adapter_dir, settings.dtype, settings.device)
 
 
 def adapter_merged(model, adapter_dir: Path | None) -> bool | None:
@@ -256,7 +256,7 @@ def probe_as_generated(
     set_cpu_threads(threads)
     problems = read_jsonl(tasks, Problem)
     adapter = Path(adapter_dir) if adapter_dir else None
-    model, tokenizer = generating_policy(Path(model_dir), adapter, settings.generation)
+    model, tokenizer = generating_policy(Path(model_dir), adapter, settings)
     scored = [
         GenerationProbeProblem(task_id=problem.task_id, tokens=tokens, good=good)
         for problem, [(good, tokens)] in score_solutions(model, tokenizer, problems, settings, ("good",))
