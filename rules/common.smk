@@ -277,3 +277,21 @@ def job_resources(rule):
     """mem_mb and runtime (minutes) of the rule's jobs, and `gpu` for the rules that run a model
     when `device` is cuda; unpacked into each rule's `resources:`."""
     return LETI.job_resources(rule)
+
+
+# --- the probe as generation loads the policy (rules/probe.smk: probe_generation; rules/summary.smk)
+
+
+def generation_probe_settings(wildcards):
+    """The probe's problems, with the settings the policy's evaluation generates with."""
+    _, iteration = parse_policy(wildcards.policy)
+    return LETI.generation_probe_settings(iteration).model_dump_json()
+
+
+def all_generation_probes():
+    """Every policy's probe as generated, on every probed task set, beside `all_probes()`."""
+    return [
+        rules.probe_generation.output.probe.format(policy=policy, **split_task_set(task_set))
+        for policy in ["base", *trained_policies()]
+        for task_set in LETI.probed_task_sets()
+    ]

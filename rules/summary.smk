@@ -6,6 +6,7 @@ rule summarize:
         metrics=all_metrics(),
         train_logs=all_train_logs(),
         probes=all_probes(),
+        generation_probes=all_generation_probes(),
     output:
         csv=report("results/summary.csv", category="Summary", caption="report/summary.rst"),
         comparisons=report("results/comparisons.csv", category="Summary", caption="report/comparisons.rst"),
@@ -21,6 +22,9 @@ rule summarize:
     params:
         train_logs=lambda wildcards, input: " ".join(f"--train-log {path}" for path in input.train_logs),
         probes=lambda wildcards, input: " ".join(f"--probe {path}" for path in input.probes),
+        generation_probes=lambda wildcards, input: " ".join(
+            f"--generation-probe {path}" for path in input.generation_probes
+        ),
     threads: job_threads("summarize")
     resources:
         **job_resources("summarize"),
@@ -31,7 +35,7 @@ rule summarize:
     benchmark:
         "benchmarks/summarize.tsv"
     shell:
-        "leti summarize {input.metrics} {params.train_logs} {params.probes} --csv {output.csv} "
-        "--comparisons {output.comparisons} --pass-at-k-plot {output.pass_at_k} "
+        "leti summarize {input.metrics} {params.train_logs} {params.probes} {params.generation_probes} "
+        "--csv {output.csv} --comparisons {output.comparisons} --pass-at-k-plot {output.pass_at_k} "
         "--sample-efficiency-plot {output.sample_efficiency} --error-types-plot {output.error_types} "
         "--loss-plot {output.loss} --reward-probe-plot {output.reward_probe} > {log} 2>&1"

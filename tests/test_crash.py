@@ -22,7 +22,7 @@ from conftest import REPO, tiny_pipeline_config
 
 from leti.analysis.report import artifact_kind
 from leti.io import read_json, read_jsonl
-from leti.records import Metrics, Probe
+from leti.records import GenerationProbe, Metrics, Probe
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +68,8 @@ def assert_artifacts_whole(folder: Path) -> None:
             read_json(path, Metrics)
         elif path.name == "probe.json":
             read_json(path, Probe)
+        elif path.name == "generation.json":
+            read_json(path, GenerationProbe)
         elif path.suffix == ".jsonl" and "adapter" not in path.parts:
             read_jsonl(path, artifact_kind(path))
 

@@ -83,6 +83,30 @@ def test_iteration_0_is_shared_by_the_arms(workdir: Path) -> None:
     assert all(count == 1 for count in produced.values())
 
 
+def test_every_policy_is_also_probed_as_generation_loads_it(workdir: Path) -> None:
+    jobs = planned_jobs(workdir)
+    policies = ["base", *(f"{arm}/iter{i}" for arm in ("textual", "binary") for i in (1, 2))]
+    expected = {
+        f"results/{policy}/probe/{task_set}/generation.json"
+        for policy in policies
+        for task_set in ("mbpp/test", "humaneval/test")
+    }
+    probes = [job for job in jobs if job.rule == "probe_generation"]
+    assert len(probes) == len(expected) and {o for job in probes for o in job.outputs} == expected
+    for policy in policies:
+        job = producer(jobs, f"results/{policy}/probe/mbpp/test/generation.json")
+        adapters = [path for path in job.inputs if path.endswith("/adapter")]
+        assert adapters == ([] if policy == "base" else [f"results/{policy}/adapter"])
+    assert expected <= set(producer(jobs, "results/summary.csv").inputs)
+    # Each loads its policy as generation does (model.dtype: auto), the float32 probe as it always does.
+    plan = run_snakemake(workdir, "--dry-run", "--cores", "2", "--printshellcmds").stdout
+    commands = [line for line in plan.splitlines() if line.startswith("Shell command: leti probe ")]
+    as_generated = [command for command in commands if "--as-generated" in command]
+    assert len(as_generated) == len(expected) == len(commands) - len(as_generated)
+    assert all('"dtype":"auto"' in command and "temperature" not in command for command in as_generated)
+    assert all('"dtype":"float32"' in command for command in commands if command not in as_generated)
+
+
 def test_zero_iterations_evaluates_only_the_base_model(workdir: Path) -> None:
     jobs = planned_jobs(workdir, "--config", "iterations=0")
     counts = Counter(job.rule for job in jobs)

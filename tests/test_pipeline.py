@@ -11,7 +11,16 @@ import yaml
 from conftest import planned_jobs, run_snakemake
 
 from leti.io import read_json, read_jsonl
-from leti.records import Execution, FeedbackExample, Metrics, Probe, Problem, Sample, TrainStep
+from leti.records import (
+    Execution,
+    FeedbackExample,
+    GenerationProbe,
+    Metrics,
+    Probe,
+    Problem,
+    Sample,
+    TrainStep,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +78,11 @@ def test_the_tiny_pipeline_runs_end_to_end(tiny_workflow: Path) -> None:
         assert (probe.policy, probe.num_problems, len(probe.problems)) == (policy, 3, 3)
         assert set(probe.estimates) == {"good", "bad", "good_minus_bad"}
         assert (probe.embedding_distance == 0) == (policy == "base")
+        generated = read_json(
+            results / policy / "probe" / "mbpp" / "test" / "generation.json", GenerationProbe
+        )
+        assert (generated.dtype, generated.adapter_merged) == ("float32", None if policy == "base" else True)
+        assert [p.task_id for p in generated.problems] == [p.task_id for p in probe.problems]
     assert not (results / "base" / "probe" / "humaneval").exists()
 
     summary = pd.read_csv(results / "summary.csv")
@@ -78,12 +92,21 @@ def test_the_tiny_pipeline_runs_end_to_end(tiny_workflow: Path) -> None:
     assert set(rollout_rates["policy"]) == {"base", "textual/iter1", "binary/iter1"}
     steps = summary[summary["purpose"] == "eval"].groupby("policy")["optimizer_steps"].first()
     assert steps["base"] == 0 and steps["textual/iter2"] > steps["textual/iter1"] > 0
+    # Generation runs in float32 here: it keeps the whole of every update.
+    kept = summary[summary["metric"] == "probe:generation_shift_ratio"].set_index("policy")["value"]
+    assert sorted(kept.index.unique()) == sorted(TRAINED)
+    assert kept.to_numpy() == pytest.approx(1.0, abs=1e-3)
     assert summary.loc[summary["metric"] == "pass@1", ["ci_low", "ci_high"]].notna().all().all()
 
     # One comparison per metric of: every trained policy and prefix vs the base model, the two arms
     # at each iteration and prefix, and good vs bad for every trained policy; on every task set.
     comparisons = pd.read_csv(results / "comparisons.csv")
-    assert set(comparisons["metric"]) == {"pass@1", "pass@2", "loglik_per_token"}
+    assert set(comparisons["metric"]) == {
+        "pass@1",
+        "pass@2",
+        "loglik_per_token",
+        "generation_loglik_per_token",
+    }
     probed = comparisons[comparisons["metric"] == "loglik_per_token"]
     assert sorted(probed[["kind", "policy_a"]].itertuples(index=False, name=None)) == sorted(
         [("probe_good_vs_bad", p) for p in ["base", *TRAINED]] + [("probe_vs_base", p) for p in TRAINED]

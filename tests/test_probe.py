@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from leti.config import FinetuneSettings, GenerationSettings, ProbeSettings
+from leti.analysis.comparisons import generation_shift_ratios
+from leti.config import FinetuneSettings, GenerationProbeSettings, GenerationSettings, ProbeSettings
 from leti.finetune import IGNORE_INDEX, finetune
 from leti.generate import generate_file
 from leti.io import read_json, read_jsonl, write_jsonl
 from leti.model.tokens import BAD, GOOD
-from leti.probe import probe_policy, solution_text
-from leti.records import FeedbackExample, Probe, Problem, Sample
+from leti.probe import probe_as_generated, probe_policy, solution_text
+from leti.records import FeedbackExample, GenerationProbe, Probe, Problem, Sample
 
 PROMPT = '"""\nWrite a function to add two numbers.\nassert add(1, 2) == 3\n"""'
 # What follows <|good|> and what follows <|bad|> in the training texts.
@@ -176,3 +177,111 @@ def test_the_probe_is_paired_over_problems(tiny_model: Path, tasks: Path, tmp_pa
     assert estimates["good_minus_bad"].ci_low == pytest.approx(0.002)
     assert p_value < 0.001 and test == "paired-permutation"
     assert estimates["good"].ci_low < np.mean([s.good for s in scored]) < estimates["good"].ci_high
+
+
+# --- the probe as generated: what generation keeps of an update
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter (with the reward tokens' rows) trained as `leti finetune` trains one."""
+    folder = tmp_path_factory.mktemp("trained")
+    settings = FinetuneSettings(
+        learning_rate=1e-2, epochs=4, batch_size=4, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+        dtype="float32", seed=0,
+    )  # fmt: skip
+    adapter = folder / "adapter"
+    finetune(tiny_model, reward_texts(folder), adapter, folder / "log.jsonl", settings)
+    return adapter
+
+
+def as_generated_settings(dtype: str) -> GenerationProbeSettings:
+    return GenerationProbeSettings(forward_tokens=256, dtype=dtype, device="cpu")
+
+
+def kept_shift(
+    model: Path, adapter: Path, tasks: Path, folder: Path, dtype: str
+) -> tuple[float, GenerationProbe, GenerationProbe]:
+    """The generation / float32 shift ratio of the trained policy on `tasks`, and its and the base
+    model's probes as generated in `dtype`."""
+    probes = [
+        probe_policy(model, tasks, folder / f"{policy}.json", probe_settings(), policy, policy_adapter)
+        for policy, policy_adapter in [("base", None), ("toy/iter1", adapter)]
+    ]
+    generated = [
+        probe_as_generated(
+            model,
+            tasks,
+            folder / f"{policy}-generation.json",
+            as_generated_settings(dtype),
+            policy,
+            policy_adapter,
+        )
+        for policy, policy_adapter in [("base", None), ("toy/iter1", adapter)]
+    ]
+    assert read_json(folder / "toy/iter1-generation.json", GenerationProbe) == generated[1]
+    ratios = generation_shift_ratios(probes, generated)
+    assert list(ratios) == [("toy/iter1", "toy", "test")]
+    # The shift itself is an update's, not float noise.
+    assert abs(probes[1].problems[0].good - probes[0].problems[0].good) > 0.01
+    return ratios[("toy/iter1", "toy", "test")].value, *generated
+
+
+def test_merged_in_float32_generation_keeps_the_whole_update(
+    tiny_model: Path, trained: Path, tasks: Path, tmp_path: Path
+) -> None:
+    ratio, base, policy = kept_shift(tiny_model, trained, tasks, tmp_path, "float32")
+    assert ratio == pytest.approx(1.0, abs=1e-4)
+    assert (base.dtype, base.adapter_merged) == ("float32", None)
+    assert (policy.dtype, policy.adapter_merged) == ("float32", True)
+    # The float32 probe's problems, in its order, each scored after <|good|> once.
+    assert [problem.task_id for problem in policy.problems] == ["toy/good", "toy/bad"]
+    assert policy.num_problems == 2 and policy.estimates["good"].value < 0
+
+
+def test_unmerged_in_float32_generation_keeps_the_whole_update(
+    tiny_model: Path, trained: Path, tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def unmerged(model_dir: Path, adapter_dir: Path | None, settings: GenerationProbeSettings):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, settings.dtype))
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+
+    # Generation as it would load the policy with its adapter kept apart; the float32 probe still merges.
+    monkeypatch.setattr("leti.probe.generating_policy", unmerged)
+    ratio, _, policy = kept_shift(tiny_model, trained, tasks, tmp_path, "float32")
+    assert policy.adapter_merged is False
+    assert ratio == pytest.approx(1.0, abs=1e-4)
+
+
+def test_generation_is_scored_in_its_own_dtype(
+    tiny_model: Path, trained: Path, tasks: Path, tmp_path: Path
+) -> None:
+    float32_ratio, _, float32 = kept_shift(tiny_model, trained, tasks, tmp_path / "float32", "float32")
+    ratio, base, policy = kept_shift(tiny_model, trained, tasks, tmp_path / "bfloat16", "bfloat16")
+    assert (base.dtype, policy.dtype, policy.adapter_merged) == ("bfloat16", "bfloat16", True)
+    # bfloat16's rounding moves every score, and the ratio with them.
+    assert all(abs(a.good - b.good) > 1e-4 for a, b in zip(policy.problems, float32.problems, strict=True))
+    assert abs(ratio - float32_ratio) > 1e-4
+
+
+def test_the_probe_as_generated_loads_the_policy_as_its_evaluation_does() -> None:
+    from conftest import REPO
+
+    from leti.config import load_config_file
+
+    config = load_config_file(REPO / "config.yaml")
+    settings = config.generation_probe_settings(1)
+    generation = config.generation_settings("eval", 1)
+    assert (settings.dtype, settings.device) == (generation.dtype, generation.device)
+    assert (settings.max_problems, settings.forward_tokens) == (100, 4096)
+    # What is sampled is no part of it: a new temperature reruns the evaluations, not this probe.
+    hotter = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"temperature": 0.5})})
+    assert hotter.generation_probe_settings(1) == settings
+    in_float32 = config.model_copy(update={"model": config.model.model_copy(update={"dtype": "float32"})})
+    assert in_float32.generation_probe_settings(1).dtype == "float32"

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
@@ -29,9 +30,12 @@ from leti.evaluate import compute_metrics
 from leti.io import write_json, write_jsonl
 from leti.probe import probe_summary
 from leti.records import (
+    Estimate,
     Execution,
     ExecutionStatus,
     FeedbackExample,
+    GenerationProbe,
+    GenerationProbeProblem,
     Metrics,
     Probe,
     ProbeProblem,
@@ -116,6 +120,7 @@ def summarize_into(results: Path, folder: Path) -> tuple[pd.DataFrame, SummaryOu
         sorted(results.glob("**/train_log.jsonl")),
         outputs,
         sorted(results.glob("**/probe.json")),
+        sorted(results.glob("**/generation.json")),
     )
     return summary, outputs
 
@@ -272,6 +277,60 @@ def test_probes_are_summarised_and_compared(results: Path, tmp_path: Path) -> No
         "reward-token probe" in shown.stdout and "| mbpp/test | textual/iter1 | 12 | +0.0100" in shown.stdout
     )
     assert "| mbpp/test | loglik_per_token | base <good> | base <bad> | 12 |" in shown.stdout
+
+
+def generation_probe(policy: str, shifts: list[float]) -> GenerationProbe:
+    """The probe as generated, in which problem i's solution is shifts[i] nats/token more likely after
+    <|good|> than under the base model of `probe(...)`."""
+    scored = [
+        GenerationProbeProblem(task_id=f"mbpp/{index}", tokens=20, good=-1.0 + 0.01 * index + shift)
+        for index, shift in enumerate(shifts)
+    ]
+    good = float(np.mean([problem.good for problem in scored]))
+    return GenerationProbe(
+        dataset="mbpp", split="test", policy=policy, policy_iteration=0 if policy == "base" else 1,
+        dtype="bfloat16", adapter_merged=None if policy == "base" else True, num_problems=len(scored),
+        estimates={"good": Estimate(value=good, ci_low=good - 0.1, ci_high=good + 0.1)}, problems=scored,
+    )  # fmt: skip
+
+
+def test_the_share_of_each_update_that_generation_keeps_is_summarised(results: Path, tmp_path: Path) -> None:
+    for policy, shift in [("base", 0.0), ("textual/iter1", 0.01), ("binary/iter1", 0.002)]:
+        write_json(results / policy / "probe" / "mbpp" / "test" / "probe.json", probe(policy, shift))
+    # As generated, textual's shift of 0.01 is 0.0085 or 0.0095 by problem (0.9 of it on average);
+    # binary's is lost entirely.
+    kept = {"base": [0.0] * 12, "textual/iter1": [0.0085, 0.0095] * 6, "binary/iter1": [0.0] * 12}
+    for policy, shifts in kept.items():
+        write_json(
+            results / policy / "probe" / "mbpp" / "test" / "generation.json", generation_probe(policy, shifts)
+        )
+    summary, outputs = summarize_into(results, tmp_path)
+
+    written = pd.read_csv(outputs.csv)
+    ratios = written[written["metric"] == "probe:generation_shift_ratio"].set_index("policy")
+    assert sorted(ratios.index) == ["binary/iter1", "textual/iter1"]
+    textual = ratios.loc["textual/iter1"]
+    assert textual["value"] == pytest.approx(0.9)
+    assert 0.8 < textual["ci_low"] < 0.9 < textual["ci_high"] < 1.0
+    assert ratios.loc["binary/iter1", "value"] == pytest.approx(0.0, abs=1e-9)
+    goods = written[written["metric"] == "probe:generation_good"]
+    assert sorted(set(goods["policy"])) == ["base", "binary/iter1", "textual/iter1"]
+
+    comparisons = pd.read_csv(outputs.comparisons)
+    shifts = comparisons[comparisons["kind"] == "probe_generation_vs_base"].set_index("policy_a")
+    assert (shifts["metric"] == "generation_loglik_per_token").all()
+    assert shifts.loc["textual/iter1", "difference"] == pytest.approx(0.009)
+    assert shifts.loc["textual/iter1", "policy_b"] == "base"
+
+    table = probe_table(summary).set_index("policy")
+    column = "shift as generated / float32 [95% CI]"
+    assert table.loc["textual/iter1", column].startswith("0.900 [0.8")
+    assert table.loc["base", column] == "-"
+    shown = leti("summary", str(results), "--markdown")
+    assert shown.returncode == 0, shown.stderr
+    assert column in shown.stdout
+    assert "| mbpp/test | textual/iter1 | 12 | +0.0100" in shown.stdout
+    assert "| 0.900 [0.8" in shown.stdout
 
 
 def test_each_update_is_tabled_with_its_end_loss_its_cost_and_its_probe(

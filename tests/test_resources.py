@@ -68,7 +68,7 @@ def test_only_the_rules_that_run_a_model_ask_for_gpus_on_cuda(workdir: Path) -> 
     path.write_text(yaml.safe_dump(config))
     jobs = planned_resources(workdir, "--forceall")
     with_gpus = {rule for rule, resources, _ in jobs if "gpu" in resources}
-    assert with_gpus == {"generate", "finetune", "probe"}
+    assert with_gpus == {"generate", "finetune", "probe", "probe_generation"}
     assert all(resources["gpu"] == "2" for rule, resources, _ in jobs if rule in with_gpus)
     assert not with_gpus & CPU_ONLY_RULES
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from leti.config import BUILTIN_RESOURCES
 from leti.io import read_json, read_jsonl
 from leti.records import Execution, FeedbackExample, Metrics, Problem, Sample, TrainStep
 
@@ -71,10 +72,8 @@ def slurm_workflow(tiny_workflow: Path) -> Path:
     config = yaml.safe_load(config_path.read_text())
     config["iterations"] = 1
     config["device"] = "cpu"
-    config["resources"] = {
-        rule: dict(SMALL_JOB)
-        for rule in ("default", "prepare_model", "build_sandbox", "generate", "execute", "finetune", "probe")
-    }
+    # Every rule with a built-in size (the others take `default`'s).
+    config["resources"] = {rule: dict(SMALL_JOB) for rule in BUILTIN_RESOURCES}
     config_path.write_text(yaml.safe_dump(config))
     return tiny_workflow
 

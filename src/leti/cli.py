@@ -225,13 +225,39 @@ def probe(
     adapter: Annotated[Path | None, typer.Option(exists=True, file_okay=False)] = None,
     settings: Settings = "{}",
     threads: Threads = 1,
+    as_generated: Annotated[
+        bool,
+        typer.Option(
+            "--as-generated",
+            help="Score after <|good|> only, with the policy as generation loads it; --settings then holds "
+            "the probe's problems and generation's dtype and device (GenerationProbeSettings).",
+        ),
+    ] = False,
 ) -> None:
     """Score each reference solution after <|good|> and after <|bad|>, teacher-forced: has the policy
     learned what the reward tokens mean?"""
-    from leti.config import ProbeSettings
-    from leti.probe import probe_policy
+    from leti.config import GenerationProbeSettings, ProbeSettings
+    from leti.probe import probe_as_generated, probe_policy
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if as_generated:
+        generated = probe_as_generated(
+            model,
+            tasks,
+            output,
+            GenerationProbeSettings.model_validate_json(settings),
+            policy,
+            adapter,
+            threads,
+        )
+        good = generated.estimates.get("good")
+        scored = (
+            f"after good {good.value:+.4f} nats/token" if good else "no problem with a reference solution"
+        )
+        stderr.print(
+            f"{policy} as generated ({generated.dtype}) on {generated.num_problems} problems: {scored} -> {output}"
+        )
+        return
     result = probe_policy(
         model, tasks, output, ProbeSettings.model_validate_json(settings), policy, adapter, threads
     )
@@ -408,6 +434,10 @@ def summarize(
     probe: Annotated[
         list[Path] | None, typer.Option(exists=True, dir_okay=False, help="probe.json files.")
     ] = None,
+    generation_probe: Annotated[
+        list[Path] | None,
+        typer.Option(exists=True, dir_okay=False, help="generation.json files (leti probe --as-generated)."),
+    ] = None,
 ) -> None:
     """Aggregate metrics and reward-token probes into summary.csv and comparisons.csv, and plot
     pass@k, sample efficiency, error types, training loss and the reward probe."""
@@ -423,7 +453,7 @@ def summarize(
         loss_plot,
         reward_probe_plot,
     )
-    table = write_summary(metrics, train_log or [], outputs, probe or [])
+    table = write_summary(metrics, train_log or [], outputs, probe or [], generation_probe or [])
     stderr.print(f"{len(table)} rows -> {csv}; comparisons -> {comparisons}")
 
 

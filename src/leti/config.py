@@ -304,12 +304,15 @@ class EvaluateConfig(SamplingConfig):
         return [self.reward_prefix] if isinstance(self.reward_prefix, str) else list(self.reward_prefix)
 
 
-class ProbeScoring(Section):
+class ProbeProblems(Section):
     max_problems: Count | None = Field(
         default=100,
         description="Only the first N problems of each task set (those with a reference solution).",
     )
     forward_tokens: Count = Field(default=4096, description="Padded tokens per forward pass.")
+
+
+class ProbeScoring(ProbeProblems):
     dtype: ModelDtype = Field(
         default="float32",
         description="The dtype the policy is scored in. float32: the contrast is far below bfloat16's rounding.",
@@ -352,6 +355,21 @@ class GenerationSettings(SamplingConfig):
         if self.merge_adapter:
             dumped.pop("merge_adapter", None)
         return dumped
+
+
+class GenerationProbeSettings(ProbeProblems):
+    """What `leti probe --as-generated` receives: the probe's problems and forward passes, and how the
+    policy's evaluation loads the policy (`Config.generation_probe_settings`), so that the policy scored
+    is the one that generates, and a change of what is sampled reruns nothing here."""
+
+    dtype: ModelDtype = "auto"
+    device: Device = "auto"
+
+
+# GenerationSettings' fields that choose what is sampled; every other one is how the policy is loaded.
+SAMPLING_FIELDS = frozenset(
+    {*SamplingConfig.model_fields, "seed", "policy_iteration", "reward_prefix", "max_problems"}
+)
 
 
 class MetricsSettings(Section):
@@ -498,9 +516,10 @@ RULES = (
     "finetune",
     "evaluate",
     "probe",
+    "probe_generation",
     "summarize",
 )
-GPU_RULES = ("generate", "finetune", "probe")
+GPU_RULES = ("generate", "finetune", "probe", "probe_generation")
 
 # Built-in sizes, for the 0.5B model on CPUs. Other rules take `default`.
 BUILTIN_RESOURCES = {
@@ -511,6 +530,7 @@ BUILTIN_RESOURCES = {
     "execute": JobResources(threads=4, mem_mb=2000, runtime=120),
     "finetune": JobResources(threads=4, mem_mb=8000, runtime=480),
     "probe": JobResources(threads=4, mem_mb=6000, runtime=120),
+    "probe_generation": JobResources(threads=4, mem_mb=6000, runtime=120),
 }
 
 
@@ -535,6 +555,7 @@ class ResourcesConfig(Section):
     finetune: JobResources = Field(default_factory=JobResources)
     evaluate: JobResources = Field(default_factory=JobResources)
     probe: JobResources = Field(default_factory=JobResources)
+    probe_generation: JobResources = Field(default_factory=JobResources)
     summarize: JobResources = Field(default_factory=JobResources)
     gpus: Count = Field(
         default=1, description="GPUs per generate, finetune and probe job when device is cuda."
@@ -642,6 +663,16 @@ class Config(Section):
 
     def probe_settings(self) -> ProbeSettings:
         return ProbeSettings(**self.probe.model_dump(exclude={"tasks"}), device=self.device)
+
+    def generation_probe_settings(self, policy_iteration: int) -> GenerationProbeSettings:
+        """The probe's problems, with the policy loaded as its evaluation loads it. A loading setting
+        added to GenerationSettings fails validation here until GenerationProbeSettings has it too
+        (and leti.probe.generating_policy passes it on): it cannot be left out unnoticed."""
+        generation = self.generation_settings("eval", policy_iteration)
+        return GenerationProbeSettings(
+            **self.probe.model_dump(include=set(ProbeProblems.model_fields)),
+            **generation.model_dump(exclude=set(SAMPLING_FIELDS)),
+        )
 
     def generation_settings(
         self, purpose: Purpose, policy_iteration: int, reward_prefix: RewardPrefix | None = None

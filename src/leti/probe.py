@@ -7,10 +7,14 @@ log-likelihood per token of the solution after `<|good|> + prompt` and after `<|
 teacher-forced, and their paired difference over problems (leti.analysis.stats). A greedy pass@1 contrast
 moves by whole problems; this sees differences of a thousandth of a nat per token.
 
-The policy is the one that generates (`leti.generate.load_policy`: adapter merged), and the text is
-exactly what it is trained on and continues: `policy_input` followed by the solution. Also reported:
-the distance between the two tokens' embedding rows, identical in the base model
-(`leti.model.sources.add_leti_tokens`), beside the typical row norm for scale.
+The policy is the one that generates (`leti.generate.load_policy`: adapter merged), scored in
+`probe.dtype` (float32), and the text is exactly what it is trained on and continues: `policy_input`
+followed by the solution. Also reported: the distance between the two tokens' embedding rows,
+identical in the base model (`leti.model.sources.add_leti_tokens`), beside the typical row norm for scale.
+
+`probe_as_generated` scores the same solutions after `<|good|>` under the policy exactly as `leti
+generate` loads it (its dtype, bfloat16 by default where native; its adapter merged): beside the
+float32 probe, how much of an update's shift the generating policy keeps (leti.analysis.comparisons).
 """
 
 from __future__ import annotations
@@ -25,15 +29,22 @@ import torch
 import torch.nn.functional as F
 
 from leti.analysis import stats
-from leti.config import ProbeSettings
+from leti.config import GenerationProbeSettings, ProbeProblems, ProbeSettings
 from leti.finetune import IGNORE_INDEX, TokenizedText, collate, forward_passes
-from leti.generate import load_policy, policy_input
+from leti.generate import ADAPTER_CONFIG, load_policy, policy_input
 from leti.io import read_jsonl, write_json
 from leti.layout import parse_policy
 from leti.model.device import set_cpu_threads
 from leti.model.tokens import BAD, GOOD, RewardPrefix, padding_id
 from leti.progress import StageProgress
-from leti.records import Estimate, Probe, ProbeProblem, Problem
+from leti.records import (
+    Estimate,
+    GenerationProbe,
+    GenerationProbeProblem,
+    Probe,
+    ProbeProblem,
+    Problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +128,26 @@ def probe_summary(problems: list[ProbeProblem]) -> tuple[dict[str, Estimate], fl
     return estimates, contrast.p_value, contrast.test
 
 
-def probe_policy(
-    model_dir: str | os.PathLike[str],
-    tasks: str | os.PathLike[str],
-    output: str | os.PathLike[str],
-    settings: ProbeSettings,
-    policy: str,
-    adapter_dir: str | os.PathLike[str] | None = None,
-    threads: int = 1,
-) -> Probe:
-    """Score one policy on one task set and write probe.json."""
+def probe_texts(
+    problems: Sequence[Problem], tokenizer, max_problems: int | None
+) -> list[tuple[Problem, dict[RewardPrefix, TokenizedText]]]:
+    """The problems the probe scores, in task-set order, with their texts after <|good|> and after
+    <|bad|>: the first `max_problems` whose reference solution has tokens of its own after both."""
+    selected = [
+        (problem, {"good": good, "bad": bad})
+        for problem in problems
+        if (good := solution_text(problem, "good", tokenizer)) is not None
+        and (bad := solution_text(problem, "bad", tokenizer)) is not None
+    ][:max_problems]
+    log.info("%d of %d problems have a reference solution to score", len(selected), len(problems))
+    return selected
+
+
+def score_solutions(
+    model, tokenizer, problems: Sequence[Problem], settings: ProbeProblems, prefixes: Sequence[RewardPrefix]
+) -> list[tuple[Problem, list[tuple[float, int]]]]:
+    """Each probed problem with (mean log-likelihood per token, tokens) of its reference solution after
+    each of `prefixes`, in that order."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -135,20 +156,8 @@ def probe_policy(
         TimeRemainingColumn,
     )
 
-    set_cpu_threads(threads)
-    problems = read_jsonl(tasks, Problem)
-    model, tokenizer = load_policy(
-        Path(model_dir), Path(adapter_dir) if adapter_dir else None, settings.dtype, settings.device
-    )
-    pad_id = padding_id(tokenizer)
-    pairs = [
-        (problem, good, bad)
-        for problem in problems
-        if (good := solution_text(problem, "good", tokenizer)) is not None
-        and (bad := solution_text(problem, "bad", tokenizer)) is not None
-    ][: settings.max_problems]
-    log.info("%d of %d problems have a reference solution to score", len(pairs), len(problems))
-    texts = [text for _, good, bad in pairs for text in (good, bad)]
+    selected = probe_texts(problems, tokenizer, settings.max_problems)
+    texts = [by_prefix[prefix] for _, by_prefix in selected for prefix in prefixes]
     progress = StageProgress(
         TextColumn("probe"),
         BarColumn(bar_width=24),
@@ -159,20 +168,50 @@ def probe_policy(
     with progress:
         bar = progress.add_task("probe", total=len(texts))
         scores = mean_log_likelihoods(
-            model, texts, settings.forward_tokens, pad_id, lambda done: progress.update(bar, advance=done)
+            model,
+            texts,
+            settings.forward_tokens,
+            padding_id(tokenizer),
+            lambda done: progress.update(bar, advance=done),
         )
+    width = len(prefixes)
+    return [
+        (problem, scores[index * width : (index + 1) * width]) for index, (problem, _) in enumerate(selected)
+    ]
+
+
+def task_set(problems: Sequence[Problem]) -> tuple[str, str]:
+    """(dataset, split) of a task set; empty for an empty one."""
+    return (problems[0].dataset, problems[0].split) if problems else ("", "")
+
+
+def probe_policy(
+    model_dir: str | os.PathLike[str],
+    tasks: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    settings: ProbeSettings,
+    policy: str,
+    adapter_dir: str | os.PathLike[str] | None = None,
+    threads: int = 1,
+) -> Probe:
+    """Score one policy on one task set, in `settings.dtype`, and write probe.json."""
+    set_cpu_threads(threads)
+    problems = read_jsonl(tasks, Problem)
+    model, tokenizer = load_policy(
+        Path(model_dir), Path(adapter_dir) if adapter_dir else None, settings.dtype, settings.device
+    )
     scored = [
         ProbeProblem(task_id=problem.task_id, tokens=good_tokens, good=good, bad=bad)
-        for (problem, _, _), (good, good_tokens), (bad, _) in zip(
-            pairs, scores[0::2], scores[1::2], strict=True
+        for problem, [(good, good_tokens), (bad, _)] in score_solutions(
+            model, tokenizer, problems, settings, ("good", "bad")
         )
     ]
     estimates, p_value, test = probe_summary(scored)
     distance, row_norm = embedding_rows(model, tokenizer)
-    first = problems[0] if problems else None
+    dataset, split = task_set(problems)
     probe = Probe(
-        dataset=first.dataset if first else "",
-        split=first.split if first else "",
+        dataset=dataset,
+        split=split,
         policy=policy,
         policy_iteration=parse_policy(policy)[1],
         num_problems=len(scored),
@@ -181,6 +220,58 @@ def probe_policy(
         estimates=estimates,
         p_value=p_value,
         test=test,
+        problems=scored,
+    )
+    write_json(output, probe)
+    return probe
+
+
+def generating_policy(model_dir: Path, adapter_dir: Path | None, settings: GenerationProbeSettings):
+    """(model, tokenizer): the policy exactly as `leti generate` loads it. The one place here that turns
+    generation's loading settings (dtype, device, and any other way generation may load the policy,
+    such as keeping the adapter unmerged) into a loaded policy."""
+    return load_policy(model_dir, adapter_dir, settings.dtype, settings.device)
+
+
+def adapter_merged(model, adapter_dir: Path | None) -> bool | None:
+    """Whether the policy's LoRA adapter is merged into its weights; None when it has no adapter."""
+    if adapter_dir is None or not (adapter_dir / ADAPTER_CONFIG).is_file():
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return not any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+def probe_as_generated(
+    model_dir: str | os.PathLike[str],
+    tasks: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    settings: GenerationProbeSettings,
+    policy: str,
+    adapter_dir: str | os.PathLike[str] | None = None,
+    threads: int = 1,
+) -> GenerationProbe:
+    """Score the probe's reference solutions after <|good|> under the policy as generation loads it,
+    and write the GenerationProbe. <|bad|> is left out: the shift against the base model needs <|good|> only."""
+    set_cpu_threads(threads)
+    problems = read_jsonl(tasks, Problem)
+    adapter = Path(adapter_dir) if adapter_dir else None
+    model, tokenizer = generating_policy(Path(model_dir), adapter, settings)
+    scored = [
+        GenerationProbeProblem(task_id=problem.task_id, tokens=tokens, good=good)
+        for problem, [(good, tokens)] in score_solutions(model, tokenizer, problems, settings, ("good",))
+    ]
+    goods = np.array([problem.good for problem in scored])
+    dataset, split = task_set(problems)
+    probe = GenerationProbe(
+        dataset=dataset,
+        split=split,
+        policy=policy,
+        policy_iteration=parse_policy(policy)[1],
+        dtype=str(model.dtype).removeprefix("torch."),
+        adapter_merged=adapter_merged(model, adapter),
+        num_problems=len(scored),
+        estimates={"good": stats.estimate([goods])} if scored else {},
         problems=scored,
     )
     write_json(output, probe)

@@ -226,3 +226,31 @@ class Probe(Record):
     p_value: float | None = Field(default=None, description="Of good - bad: a paired test over problems.")
     test: str | None = None
     problems: list[ProbeProblem] = Field(default_factory=list)
+
+
+class GenerationProbeProblem(Record):
+    """One problem's reference solution after <|good|>, under a policy as generation runs it."""
+
+    task_id: str
+    tokens: int = Field(gt=0, description="Tokens of the reference solution scored.")
+    good: float = Field(description="Mean log-likelihood per token (nats) after <|good|> + prompt.")
+
+
+class GenerationProbe(Record):
+    """The probe's reference solutions after <|good|>, under one policy exactly as generation loads it
+    (its dtype, its adapter merged or not): beside the float32 probe, how much of an update generation sees."""
+
+    dataset: str
+    split: str
+    policy: str
+    policy_iteration: NonNegativeInt
+    dtype: str = Field(description="The dtype the policy ran in, as generation resolved it (e.g. bfloat16).")
+    adapter_merged: bool | None = Field(
+        description="Whether the LoRA adapter was merged into the weights; null: no adapter (the base model, "
+        "or a whole fine-tuned model)."
+    )
+    num_problems: NonNegativeInt = Field(description="Problems with a reference solution that were scored.")
+    estimates: dict[str, Estimate] = Field(
+        default_factory=dict, description='"good": the mean over problems, with its bootstrap CI.'
+    )
+    problems: list[GenerationProbeProblem] = Field(default_factory=list)

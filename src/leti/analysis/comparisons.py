@@ -9,7 +9,10 @@ Three kinds, each on every evaluation task set:
   reference against the faithful setting;
 - `probe_good_vs_bad` and `probe_vs_base` (metric `loglik_per_token`, leti.probe): the reference
   solutions' mean log-likelihood per token after <|good|> against after <|bad|> under one policy,
-  and under a trained policy after <|good|> against under the base model.
+  and under a trained policy after <|good|> against under the base model;
+- `probe_generation_vs_base` (metric `generation_loglik_per_token`): the same shift against the base
+  model with both policies as generation runs them (`leti probe --as-generated`); divided by
+  `probe_vs_base`'s, the share of the update that generation keeps (`generation_shift_ratios`).
 Each row has the difference a - b, its 95% paired-bootstrap CI and an exact paired test's p-value
 (leti.analysis.stats), for every pass@k and every task metric both sides have. `p_adjusted` is the
 Benjamini-Hochberg adjustment within the row's family (kind, task set and metric): a sweep tests
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -27,7 +31,7 @@ import pandas as pd
 from leti.analysis import stats
 from leti.evaluate import pass_at_k_columns, task_metric_columns, task_metric_named, task_metric_statistic
 from leti.layout import BASE_POLICY, parse_policy
-from leti.records import Metrics, Probe, ProblemResult
+from leti.records import Estimate, GenerationProbe, Metrics, Probe, ProblemResult
 
 COMPARISON_COLUMNS = [
     "kind",
@@ -49,11 +53,15 @@ COMPARISON_COLUMNS = [
     "test",
 ]
 
-# The probe's paired measure, per problem.
+# The probe's paired measure, per problem; and the same, with the policies as generation runs them.
 PROBE_METRIC = "loglik_per_token"
+GENERATION_PROBE_METRIC = "generation_loglik_per_token"
 
 # Prefix contrasts, each (a, b): a - b.
 PREFIX_CONTRASTS = (("good", "bad"), ("good", "none"))
+
+AnyProbe = Probe | GenerationProbe
+ProbeT = TypeVar("ProbeT", Probe, GenerationProbe)
 
 
 def comparison_pairs(documents: Sequence[Metrics]) -> list[tuple[str, Metrics, Metrics]]:
@@ -131,10 +139,15 @@ def comparison_row(
     }
 
 
-def comparisons_table(documents: Iterable[Metrics], probes: Sequence[Probe] = ()) -> pd.DataFrame:
+def comparisons_table(
+    documents: Iterable[Metrics],
+    probes: Sequence[Probe] = (),
+    generation_probes: Sequence[GenerationProbe] = (),
+) -> pd.DataFrame:
     documents = list(documents)
     rows = [row for kind, a, b in comparison_pairs(documents) for row in compare_documents(kind, a, b)]
     rows += probe_comparisons(probes)
+    rows += generation_probe_comparisons(generation_probes)
     return with_adjusted_p(pd.DataFrame(rows, columns=COMPARISON_COLUMNS))
 
 
@@ -146,17 +159,36 @@ def with_adjusted_p(table: pd.DataFrame) -> pd.DataFrame:
 
 def probe_comparisons(probes: Sequence[Probe]) -> list[dict]:
     """good - bad under every probed policy, and each trained policy's good against the base model's."""
-    bases = {(probe.dataset, probe.split): probe for probe in probes if probe.policy == BASE_POLICY}
     rows = [compare_probes("probe_good_vs_bad", (probe, "good"), (probe, "bad")) for probe in probes]
     rows += [
         compare_probes("probe_vs_base", (probe, "good"), (base, "good"))
-        for probe in probes
-        if probe.policy != BASE_POLICY and (base := bases.get((probe.dataset, probe.split))) is not None
+        for probe, base in policies_and_bases(probes)
     ]
     return [row for row in rows if row is not None]
 
 
-def compare_probes(kind: str, a: tuple[Probe, str], b: tuple[Probe, str]) -> dict | None:
+def generation_probe_comparisons(probes: Sequence[GenerationProbe]) -> list[dict]:
+    """Each trained policy's likelihoods after <|good|> against the base model's, both as generation runs them."""
+    rows = [
+        compare_probes("probe_generation_vs_base", (probe, "good"), (base, "good"), GENERATION_PROBE_METRIC)
+        for probe, base in policies_and_bases(probes)
+    ]
+    return [row for row in rows if row is not None]
+
+
+def policies_and_bases(probes: Sequence[ProbeT]) -> list[tuple[ProbeT, ProbeT]]:
+    """(a trained policy's probe, the base model's probe of the same task set), where both exist."""
+    bases = {(probe.dataset, probe.split): probe for probe in probes if probe.policy == BASE_POLICY}
+    return [
+        (probe, base)
+        for probe in probes
+        if probe.policy != BASE_POLICY and (base := bases.get((probe.dataset, probe.split))) is not None
+    ]
+
+
+def compare_probes(
+    kind: str, a: tuple[AnyProbe, str], b: tuple[AnyProbe, str], metric: str = PROBE_METRIC
+) -> dict | None:
     """One row: a's per-problem likelihoods after one reward token minus b's, on the problems both scored."""
     (probe_a, prefix_a), (probe_b, prefix_b) = a, b
     scores_b = {problem.task_id: getattr(problem, prefix_b) for problem in probe_b.problems}
@@ -167,8 +199,35 @@ def compare_probes(kind: str, a: tuple[Probe, str], b: tuple[Probe, str]) -> dic
         [np.array([getattr(problem, prefix_a) for problem in shared])],
         [np.array([scores_b[problem.task_id] for problem in shared])],
     )
-    where = (probe_a.dataset, probe_a.split, PROBE_METRIC)
+    where = (probe_a.dataset, probe_a.split, metric)
     return comparison_row(kind, *where, (probe_a.policy, prefix_a), (probe_b.policy, prefix_b), comparison)
+
+
+def generation_shift_ratios(
+    probes: Sequence[Probe], generation_probes: Sequence[GenerationProbe]
+) -> dict[tuple[str, str, str], Estimate]:
+    """Per trained policy and task set ((policy, dataset, split)): how much of its update's shift the
+    generating policy keeps. Its likelihood shift after <|good|> against the base model with both as
+    generation runs them, divided by the same shift in the float32 probe: a ratio of means over the
+    problems all four scored, with its paired bootstrap CI (problems resampled with all four sides).
+    None for a policy whose float32 shift is exactly 0."""
+    float32 = {(probe.policy, probe.dataset, probe.split): probe for probe in probes}
+    ratios: dict[tuple[str, str, str], Estimate] = {}
+    for generated, generated_base in policies_and_bases(generation_probes):
+        key = (generated.policy, generated.dataset, generated.split)
+        scored, scored_base = float32.get(key), float32.get((BASE_POLICY, *key[1:]))
+        if scored is None or scored_base is None:
+            continue
+        sides = [
+            {problem.task_id: problem.good for problem in side.problems}
+            for side in (generated, generated_base, scored, scored_base)
+        ]
+        shared = [task_id for task_id in sides[0] if all(task_id in side for side in sides[1:])]
+        columns = [np.array([side[task_id] for task_id in shared]) for side in sides]
+        generation_shift, float32_shift = columns[0] - columns[1], columns[2] - columns[3]
+        if shared and float32_shift.mean() != 0:
+            ratios[key] = stats.estimate([generation_shift, float32_shift], stats.ratio_of_means)
+    return ratios
 
 
 def runs_table(documents_a: Iterable[Metrics], documents_b: Iterable[Metrics]) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from leti.analysis.tables import (
     outcome_table,
     pass_at_k_table,
     probe_table,
+    read_generation_probes,
     read_metrics,
     read_probes,
     rule_times,
@@ -38,6 +39,7 @@ def summarize(
     train_log_paths: Sequence[str | os.PathLike[str]],
     outputs: SummaryOutputs,
     probe_paths: Sequence[str | os.PathLike[str]] = (),
+    generation_probe_paths: Sequence[str | os.PathLike[str]] = (),
 ) -> pd.DataFrame:
     from leti.analysis.plots import (
         plot_error_types,
@@ -50,8 +52,9 @@ def summarize(
 
     documents = read_metrics(metrics_paths)
     probes = read_probes(probe_paths)
-    summary = summary_table(documents, train_log_paths, probes)
-    comparisons = comparisons_table(documents, probes)
+    generation_probes = read_generation_probes(generation_probe_paths)
+    summary = summary_table(documents, train_log_paths, probes, generation_probes)
+    comparisons = comparisons_table(documents, probes, generation_probes)
     write_csv(outputs.csv, summary)
     write_csv(outputs.comparisons, comparisons)
     plot_reward_probe(comparisons, outputs.reward_probe_png)
@@ -183,8 +186,9 @@ def print_summary(results: str | os.PathLike[str], output: TableOutput) -> None:
     root = Path(results)
     documents = metrics_under(root)
     probes = read_probes(sorted(root.glob("**/probe.json")))
+    generation_probes = read_generation_probes(sorted(root.glob("**/probe/*/*/generation.json")))
     train_logs = sorted(root.glob("**/train_log.jsonl"))
-    summary = summary_table(documents, train_logs, probes)
+    summary = summary_table(documents, train_logs, probes, generation_probes)
     output.table(pass_at_k_table(summary), "pass@k with 95% CIs (steps: optimizer steps so far)")
     for table, title in [
         (outcome_table(summary), "samples by outcome"),
@@ -200,7 +204,7 @@ def print_summary(results: str | os.PathLike[str], output: TableOutput) -> None:
     comparisons = pd.read_csv(saved) if saved.is_file() else pd.DataFrame()
     if not set(COMPARISON_COLUMNS) <= set(comparisons.columns):
         # None written yet, or one written by an earlier version without today's columns.
-        comparisons = comparisons_table(documents, probes)
+        comparisons = comparisons_table(documents, probes, generation_probes)
     if not comparisons.empty:
         updates = update_table(comparisons, training_logs(train_logs))
         if not updates.empty:

@@ -39,6 +39,15 @@ def ratio_of_sums(numerators: np.ndarray, denominators: np.ndarray) -> np.ndarra
     )
 
 
+def ratio_of_means(numerators: np.ndarray, denominators: np.ndarray) -> np.ndarray:
+    """Mean over problems of one signed column divided by the mean of another (the share of one shift
+    that another keeps); NaN where the denominator's mean is 0."""
+    means = np.mean(denominators, axis=-1)
+    return np.divide(
+        np.mean(numerators, axis=-1), means, out=np.full_like(means, np.nan, dtype=float), where=means != 0
+    )
+
+
 @dataclass(frozen=True)
 class PairedComparison:
     """a - b on the same problems: the difference, its paired-bootstrap CI and a paired test's p-value."""

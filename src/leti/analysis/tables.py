@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from leti.analysis.comparisons import PROBE_METRIC
+from leti.analysis.comparisons import PROBE_METRIC, generation_shift_ratios
 from leti.evaluate import OTHER_ERROR, SHARE_PREFIX, TRACKED_ERRORS
 from leti.io import ArtifactError, read_json, read_jsonl
 from leti.layout import BASE_POLICY, parse_policy, policy_name
-from leti.records import Estimate, Metrics, Probe, TrainStep
+from leti.records import Estimate, GenerationProbe, Metrics, Probe, TrainStep
 
 # Summary metrics named "outcome:{passed, timeout or an exception type}" count samples.
 OUTCOME_PREFIX = "outcome:"
 # Summary metrics of the reward-token probe (purpose "probe"): good, bad, good_minus_bad, ...
 PROBE_PREFIX = "probe:"
+# Of the probe as generated: the likelihood after <|good|>, and the share of the update generation keeps.
+GENERATION_GOOD = f"{PROBE_PREFIX}generation_good"
+GENERATION_SHIFT_RATIO = f"{PROBE_PREFIX}generation_shift_ratio"
 SUMMARY_COLUMNS = [
     "experiment",
     "policy",
@@ -70,6 +73,40 @@ def probe_rows(probe: Probe, experiments: Sequence[str], training: dict[str, tup
         values[f"{PROBE_PREFIX}p_value"] = probe.p_value
     where = (probe.policy, "probe", "none", probe.dataset, probe.split)
     return long_rows(*where, values, estimates, experiments, training)
+
+
+def generation_probe_rows(
+    probes: Sequence[Probe],
+    generation_probes: Sequence[GenerationProbe],
+    experiments: Sequence[str],
+    training: dict[str, tuple[int, int]],
+) -> list[dict]:
+    """Long-format rows (purpose "probe") of the probe as generated: every policy's likelihood after
+    <|good|>, and each trained policy's generation / float32 shift ratio, with their CIs."""
+    estimates = {
+        (probe.policy, probe.dataset, probe.split, GENERATION_GOOD): probe.estimates["good"]
+        for probe in generation_probes
+        if "good" in probe.estimates
+    }
+    estimates |= {
+        (*key, GENERATION_SHIFT_RATIO): ratio
+        for key, ratio in generation_shift_ratios(probes, generation_probes).items()
+    }
+    return [
+        row
+        for (policy, dataset, split, name), estimate in estimates.items()
+        for row in long_rows(
+            policy,
+            "probe",
+            "none",
+            dataset,
+            split,
+            {name: estimate.value},
+            {name: estimate},
+            experiments,
+            training,
+        )
+    ]
 
 
 def long_rows(
@@ -142,17 +179,23 @@ def read_probes(paths: Iterable[str | os.PathLike[str]]) -> list[Probe]:
     return [read_json(path, Probe) for path in paths]
 
 
+def read_generation_probes(paths: Iterable[str | os.PathLike[str]]) -> list[GenerationProbe]:
+    return [read_json(path, GenerationProbe) for path in paths]
+
+
 def summary_table(
     documents: Sequence[Metrics],
     train_log_paths: Iterable[str | os.PathLike[str]] = (),
     probes: Sequence[Probe] = (),
+    generation_probes: Sequence[GenerationProbe] = (),
 ) -> pd.DataFrame:
     """arm by iteration by purpose by task set by metric, one row each."""
-    policies = [d.policy for d in documents] + [probe.policy for probe in probes]
+    policies = [d.policy for d in documents] + [probe.policy for probe in [*probes, *generation_probes]]
     experiments = sorted({e for policy in policies if (e := parse_policy(policy)[0]) is not None}) or ["base"]
     training = training_progress(train_log_paths)
     rows = [row for document in documents for row in metrics_rows(document, experiments, training)]
     rows += [row for probe in probes for row in probe_rows(probe, experiments, training)]
+    rows += generation_probe_rows(probes, generation_probes, experiments, training)
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     return table.sort_values(
         ["experiment", "purpose", "dataset", "split", "iteration", "reward_prefix", "metric"],
@@ -205,15 +248,18 @@ def pass_at_k_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def probe_table(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per probed policy and task set: the reward-token probe's good - bad with its CI and
-    p-value, the likelihood after <|good|>, and how far apart the two tokens' embedding rows are."""
+    p-value, the likelihood after <|good|>, how far apart the two tokens' embedding rows are, and
+    (trained policies) the share of the update's shift that the policy keeps as generation runs it."""
     probes = summary[summary["purpose"] == "probe"].drop_duplicates(["policy", "dataset", "split", "metric"])
     if probes.empty:
         return pd.DataFrame()
     cells = probes.assign(
         tasks=probes["dataset"] + "/" + probes["split"],
         cell=[
-            with_ci(*row, number="+.4f")
-            for row in probes[["value", "ci_low", "ci_high"]].itertuples(index=False)
+            with_ci(value, low, high, number=".3f" if metric == GENERATION_SHIFT_RATIO else "+.4f")
+            for metric, value, low, high in probes[["metric", "value", "ci_low", "ci_high"]].itertuples(
+                index=False
+            )
         ],
     ).pivot_table(index=["tasks", "policy"], columns="metric", values="cell", aggfunc="first")
     values = probes.assign(tasks=probes["dataset"] + "/" + probes["split"]).pivot_table(
@@ -228,6 +274,7 @@ def probe_table(summary: pd.DataFrame) -> pd.DataFrame:
             "embedding distance / row norm": (
                 values[f"{PROBE_PREFIX}embedding_distance"] / values[f"{PROBE_PREFIX}embedding_row_norm"]
             ),
+            "shift as generated / float32 [95% CI]": cells.get(GENERATION_SHIFT_RATIO),
         }
     )
     order = sorted(table.index, key=lambda key: (key[0], *_policy_order(key[1])))
