@@ -195,12 +195,12 @@ def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return adapter
 
 
-def as_generated_settings(dtype: str) -> GenerationProbeSettings:
-    return GenerationProbeSettings(forward_tokens=256, dtype=dtype, device="cpu")
+def as_generated_settings(dtype: str, merge_adapter: bool = True) -> GenerationProbeSettings:
+    return GenerationProbeSettings(forward_tokens=256, dtype=dtype, device="cpu", merge_adapter=merge_adapter)
 
 
 def kept_shift(
-    model: Path, adapter: Path, tasks: Path, folder: Path, dtype: str
+    model: Path, adapter: Path, tasks: Path, folder: Path, dtype: str, merge_adapter: bool = True
 ) -> tuple[float, GenerationProbe, GenerationProbe]:
     """The generation / float32 shift ratio of the trained policy on `tasks`, and its and the base
     model's probes as generated in `dtype`."""
@@ -213,7 +213,7 @@ def kept_shift(
             model,
             tasks,
             folder / f"{policy}-generation.json",
-            as_generated_settings(dtype),
+            as_generated_settings(dtype, merge_adapter),
             policy,
             policy_adapter,
         )
@@ -240,21 +240,9 @@ def test_merged_in_float32_generation_keeps_the_whole_update(
 
 
 def test_unmerged_in_float32_generation_keeps_the_whole_update(
-    tiny_model: Path, trained: Path, tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path, trained: Path, tasks: Path, tmp_path: Path
 ) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    def unmerged(model_dir: Path, adapter_dir: Path | None, settings: GenerationProbeSettings):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, settings.dtype))
-        if adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, adapter_dir)
-        return model.eval(), AutoTokenizer.from_pretrained(model_dir)
-
-    # Generation as it would load the policy with its adapter kept apart; the float32 probe still merges.
-    monkeypatch.setattr("leti.probe.generating_policy", unmerged)
-    ratio, _, policy = kept_shift(tiny_model, trained, tasks, tmp_path, "float32")
+    ratio, _, policy = kept_shift(tiny_model, trained, tasks, tmp_path, "float32", merge_adapter=False)
     assert policy.adapter_merged is False
     assert ratio == pytest.approx(1.0, abs=1e-4)
 

@@ -364,6 +364,7 @@ class GenerationProbeSettings(ProbeProblems):
 
     dtype: ModelDtype = "auto"
     device: Device = "auto"
+    merge_adapter: bool = True
 
 
 # GenerationSettings' fields that choose what is sampled; every other one is how the policy is loaded.

@@ -228,9 +228,9 @@ def probe_policy(
 
 def generating_policy(model_dir: Path, adapter_dir: Path | None, settings: GenerationProbeSettings):
     """(model, tokenizer): the policy exactly as `leti generate` loads it. The one place here that turns
-    generation's loading settings (dtype, device, and any other way generation may load the policy,
-    such as keeping the adapter unmerged) into a loaded policy."""
-    return load_policy(model_dir, adapter_dir, settings.dtype, settings.device)
+    generation's loading settings (dtype, device, the adapter merged or beside the weights) into a
+    loaded policy."""
+    return load_policy(model_dir, adapter_dir, settings.dtype, settings.device, settings.merge_adapter)
 
 
 def adapter_merged(model, adapter_dir: Path | None) -> bool | None:
