@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import leti.model.gpus
 from leti.config import GPU_RULES, RULES, Config, ResourcesConfig, load_config_file
 from leti.model import device as devices
 from leti.model.device import DeviceError, inference_dtype, resolve_device, training_dtype
-from leti.model.gpus import visible_gpus, with_gpu_limit
+from leti.model.gpus import claim_gpus, visible_gpus, with_gpu_limit
 
 CPU_ONLY_RULES = {
     "download_mbpp",
@@ -187,3 +188,26 @@ def test_the_first_parallel_call_of_every_vml_op_equals_the_next() -> None:
     for _ in range(8):
         result = subprocess.run([sys.executable, "-c", FIRST_PARALLEL_CALLS], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_job_without_assigned_gpus_takes_free_ones_and_holds_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(leti.model.gpus, "nvidia_gpus", lambda: 3)
+    monkeypatch.setattr(leti.model.gpus, "LOCK_FOLDER", tmp_path)
+    monkeypatch.setattr(leti.model.gpus, "_held", [])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert claim_gpus(1) == [0]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    # Another job on the machine (a lock of its own on the same files) gets the others.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert claim_gpus(2) == [1, 2]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1,2"
+    # A scheduler's choice stands; a job larger than the machine is an error, not a wait.
+    assert claim_gpus(1) == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(RuntimeError, match="needs 4 GPUs"):
+        claim_gpus(4)
+    # While all three are held, a fourth job waits; a released GPU is taken at the next poll.
+    monkeypatch.setattr(leti.model.gpus.time, "sleep", lambda _: leti.model.gpus._held.pop(0).close())
+    assert claim_gpus(1) == [0]

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from leti.errors import LetiError
+from leti.model.gpus import claim_gpus
 
 if TYPE_CHECKING:
     from leti.analysis.report import TableOutput
@@ -211,6 +212,8 @@ def generate(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parsed = GenerationSettings.model_validate_json(settings)
     part = Shard.parse(shard)
+    if parsed.device != "cpu":
+        claim_gpus(1)
     samples = generate_file(model, tasks, output, parsed, adapter, threads, stderr, part)
     tokens = sum(sample.completion_tokens for sample in samples)
     stderr.print(f"{len(samples)} samples, {tokens} generated tokens -> {output}")
@@ -240,12 +243,15 @@ def probe(
     from leti.probe import probe_as_generated, probe_policy
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parsed = (GenerationProbeSettings if as_generated else ProbeSettings).model_validate_json(settings)
+    if parsed.device != "cpu":
+        claim_gpus(1)
     if as_generated:
         generated = probe_as_generated(
             model,
             tasks,
             output,
-            GenerationProbeSettings.model_validate_json(settings),
+            parsed,
             policy,
             adapter,
             threads,
@@ -258,9 +264,7 @@ def probe(
             f"{policy} as generated ({generated.dtype}) on {generated.num_problems} problems: {scored} -> {output}"
         )
         return
-    result = probe_policy(
-        model, tasks, output, ProbeSettings.model_validate_json(settings), policy, adapter, threads
-    )
+    result = probe_policy(model, tasks, output, parsed, policy, adapter, threads)
     contrast = result.estimates.get("good_minus_bad")
     summary = (
         f"good - bad {contrast.value:+.4f} nats/token [{contrast.ci_low:+.4f}, {contrast.ci_high:+.4f}], "
