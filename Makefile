@@ -12,7 +12,7 @@ CONFIG ?=
 SNAKEMAKE_ARGS := --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG))
 SNAKEMAKE := $(BIN)/snakemake $(SNAKEMAKE_ARGS)
 # The CPU build of torch. On a GPU machine, install your CUDA build of torch into
-# .venv first (any 2.x from 2.4 on); setup keeps a torch that is already there.
+# .venv first (any 2.x from 2.5 on); setup keeps a torch that is already there.
 TORCH_SPEC ?= torch==2.13.0
 # Use local data copies when they sit beside the checkout, or beside the local checkout this one
 # was cloned from (`git clone . /tmp/x`); otherwise the workflow downloads the pinned public files

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, write_tiny_qwen
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -327,10 +328,13 @@ def test_samples_file_fields(base_model: Path, tasks: Path, tmp_path: Path) -> N
 # --- LoRA policies
 
 
-def lora_adapter(base_model: Path, folder: Path, train_steps: int) -> Path:
+def lora_adapter(base_model: Path, folder: Path, train_steps: int, token_rows: bool = False) -> Path:
+    """A LoRA adapter trained for a few steps; `token_rows` also trains the <|good|> embedding row,
+    as `leti finetune` trains the LETI tokens' rows."""
     model = AutoModelForCausalLM.from_pretrained(base_model, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(base_model, local_files_only=True)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    rows = {"trainable_token_indices": tokenizer.convert_tokens_to_ids([GOOD])} if token_rows else {}
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **rows))
     optimizer = torch.optim.AdamW(peft_model.parameters(), lr=1e-2)
     text = tokenizer(GOOD + CORPUS, return_tensors="pt")["input_ids"]
     torch.manual_seed(0)
@@ -378,6 +382,23 @@ def test_an_unmerged_adapter_runs_beside_the_weights_and_generates_as_merged(
     generate_file(base_model, tasks, merged, greedy, adapter_dir=adapter)
     generate_file(base_model, tasks, unmerged, greedy.model_copy(update={"merge_adapter": False}), adapter)
     assert unmerged.read_bytes() == merged.read_bytes() != base.read_bytes()
+
+
+def test_unmerged_the_trained_token_rows_are_written_in_and_compute_as_peft_does(
+    base_model: Path, tmp_path: Path
+) -> None:
+    """peft would rebuild the whole embedding at every forward pass to put the trained rows in."""
+    adapter = lora_adapter(base_model, tmp_path / "adapter", 3, token_rows=True)
+    ours, tokenizer = load_policy(base_model, adapter, "bfloat16", merge_adapter=False)
+    token_layers = [module for module in ours.modules() if isinstance(module, TrainableTokensLayer)]
+    assert token_layers and all(layer.merged for layer in token_layers)
+    base = AutoModelForCausalLM.from_pretrained(base_model, local_files_only=True, dtype=torch.bfloat16)
+    ids = tokenizer(GOOD + PROMPTS[0], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        before = base(input_ids=ids).logits
+        peft_own = PeftModel.from_pretrained(base, adapter).eval()(input_ids=ids).logits
+        assert torch.equal(ours(input_ids=ids).logits, peft_own)
+    assert not torch.equal(peft_own, before)
 
 
 def test_merge_adapter_is_in_the_generate_parameters_only_when_off(mbpp_path: Path) -> None:

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,9 @@ from leti.progress import StageProgress
 from leti.records import FinishReason, Problem, Sample
 from leti.shards import WHOLE, Shard
 from leti.tasks.own_tests import strip_own_tests
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +180,7 @@ def load_policy(
         try:
             adapted = PeftModel.from_pretrained(model, adapter_dir)
             # Unmerged, the base model itself runs: peft injected its layers into it.
-            model = adapted.merge_and_unload() if merge_adapter else adapted.get_base_model()
+            model = adapted.merge_and_unload() if merge_adapter else _with_token_rows_merged(adapted)
         except (ValueError, RuntimeError) as error:
             raise GenerationError(
                 f"adapter {adapter_dir} does not fit the model {model_dir}: {error}"
@@ -189,6 +193,22 @@ def load_policy(
     model.to(target)
     model.eval()
     return model, tokenizer
+
+
+def _with_token_rows_merged(adapted: PeftModel) -> PreTrainedModel:
+    """The adapted base model, its LoRA layers unmerged and its trained embedding rows (the LETI
+    tokens') written into the embedding.
+
+    Unmerged, peft copies the whole embedding matrix to put those rows in at every forward pass
+    (twice for a tied output layer: 270 MB each for Qwen-0.5B); it rounds them to the weights'
+    dtype there too, so writing them in once computes the same.
+    """
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in adapted.modules():
+        if isinstance(module, TrainableTokensLayer):
+            module.merge()
+    return adapted.get_base_model()
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
