@@ -476,3 +476,34 @@ def test_full_fine_tuning_trains_every_weight_and_saves_the_whole_model(
     )
     again = model_weights(second)
     assert all(torch.allclose(again[name], trained[name], atol=1e-8) for name in trained)
+
+
+def test_full_fine_tuning_keeps_float32_master_weights(
+    tiny_model: Path, feedback_file: Path, tmp_path: Path
+) -> None:
+    """bfloat16 computes, float32 is what an iteration saves and the next one loads, unrounded."""
+    first = tmp_path / "iter1"
+    finetune(
+        tiny_model,
+        feedback_file,
+        first,
+        tmp_path / "log1.jsonl",
+        settings(method="full", dtype="bfloat16", learning_rate=1e-3, epochs=1),
+    )
+    trained = model_weights(first)
+    assert {weight.dtype for weight in trained.values()} == {torch.float32}
+    # bfloat16 would round these weights by up to 1e-4 or more.
+    assert max((w - w.bfloat16().float()).abs().max() for w in trained.values()) > 1e-4
+
+    second = tmp_path / "iter2"
+    finetune(
+        tiny_model,
+        feedback_file,
+        second,
+        tmp_path / "log2.jsonl",
+        settings(method="full", dtype="bfloat16", learning_rate=1e-12, weight_decay=0, epochs=1),
+        previous_adapter=first,
+    )
+    again = model_weights(second)
+    # The 1e-12 learning rate still moves weights near zero, by less than 1e-11.
+    assert all(torch.allclose(again[name], trained[name], rtol=0, atol=1e-10) for name in trained)

@@ -247,14 +247,18 @@ def load_policy(
     dtype,
     tokenizer,
 ):
-    """The model to train. LoRA: the base model with the previous iteration's adapter, or a fresh one
-    that also trains the LETI tokens' embedding rows. Full: every weight of the previous iteration's
-    model, or of the base model."""
+    """The model to train. LoRA: the base model, its frozen weights in `dtype`, with the previous
+    iteration's adapter, or a fresh one that also trains the LETI tokens' embedding rows. Full: every
+    weight of the previous iteration's model, or of the base model, in float32."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     if settings.method == "full":
-        return AutoModelForCausalLM.from_pretrained(previous or model_dir, dtype=dtype, local_files_only=True)
+        # The master weights stay float32 from iteration to iteration: loaded in bfloat16, every
+        # iteration would round what the last one learned. `dtype` is only the compute's (autocast).
+        return AutoModelForCausalLM.from_pretrained(
+            previous or model_dir, dtype=torch.float32, local_files_only=True
+        )
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     if previous is not None:
         return PeftModel.from_pretrained(base, previous, is_trainable=True)
