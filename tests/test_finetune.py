@@ -507,3 +507,20 @@ def test_full_fine_tuning_keeps_float32_master_weights(
     again = model_weights(second)
     # The 1e-12 learning rate still moves weights near zero, by less than 1e-11.
     assert all(torch.allclose(again[name], trained[name], rtol=0, atol=1e-10) for name in trained)
+
+
+def test_random_state_holds_the_cuda_generators_only_when_cuda_is_in_use(monkeypatch) -> None:
+    from leti.finetune import random_state, restore_random_state
+
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA is in use in this process")
+    assert "cuda" not in random_state()
+    generators = [torch.arange(4, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: generators)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = random_state()
+    assert state["cuda"] is generators
+    restore_random_state(state)
+    assert restored == [generators]

@@ -350,17 +350,26 @@ def save_checkpoint(directory: Path, state: dict) -> None:
 def load_checkpoint(directory: Path | None, run_id: str) -> dict | None:
     if directory is None or not (directory / CHECKPOINT_FILE).is_file():
         return None
-    state = torch.load(directory / CHECKPOINT_FILE, weights_only=False)
+    # On the CPU whatever device wrote it: random states must be CPU tensors, and every process
+    # of a data-parallel run loads it.
+    state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     return state if state.get("run_id") == run_id else None
 
 
 def random_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """This process's random state. The CUDA generators only once CUDA is in use: LoRA dropout on a
+    GPU draws from them, and querying them would otherwise start CUDA for nothing."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_random_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --- the loop
