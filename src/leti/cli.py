@@ -387,21 +387,35 @@ def finetune(
     settings: Settings = "{}",
     threads: Threads = 1,
 ) -> None:
-    """LoRA fine-tuning on the feedback texts, continuing from the previous adapter."""
+    """LoRA or full fine-tuning on the feedback texts, continuing from the previous iteration's policy;
+    with `processes` above 1, data-parallel in that many processes."""
+    from accelerate import PartialState
+
     from leti.config import FinetuneSettings
     from leti.finetune import finetune as train
+    from leti.finetune import launched, run_processes
 
+    parsed = FinetuneSettings.model_validate_json(settings)
+    if parsed.processes > 1 and not launched():
+        arguments = ["finetune", "--model", str(model), "--feedback", str(feedback), "--output", str(output)]
+        arguments += ["--log", str(log), "--settings", settings, "--threads", str(threads)]
+        if previous_adapter is not None:
+            arguments += ["--previous-adapter", str(previous_adapter)]
+        if checkpoint_dir is not None:
+            arguments += ["--checkpoint-dir", str(checkpoint_dir)]
+        raise typer.Exit(run_processes(parsed.processes, parsed.device, threads, arguments))
     steps = train(
         model,
         feedback,
         output,
         log,
-        FinetuneSettings.model_validate_json(settings),
+        parsed,
         previous_adapter=previous_adapter,
         checkpoint_dir=checkpoint_dir,
         threads=threads,
     )
-    stderr.print(f"{len(steps)} steps, final loss {steps[-1].loss:.4f} -> {output}")
+    if PartialState().is_main_process:
+        stderr.print(f"{len(steps)} steps, final loss {steps[-1].loss:.4f} -> {output}")
 
 
 @app.command()

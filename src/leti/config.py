@@ -240,6 +240,25 @@ class FinetuneConfig(Section):
         default=25, description="Optimizer steps; 0 disables checkpoints."
     )
     regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
+    processes: Count = Field(
+        default=1,
+        description="Data-parallel processes of a fine-tuning job: one per GPU on CUDA, gloo on a CPU. An "
+        "optimizer step stays batch_size x gradient_accumulation_steps texts, split over them.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each decoder layer's activations in the backward pass: less memory, more compute.",
+    )
+    loss_chunk_tokens: Count = Field(
+        default=1024,
+        description="Positions whose logits exist at once: the loss runs over a pass's positions in chunks "
+        "of this many, so a pass never holds the logits of every position.",
+    )
+
+
+# Keys added after runs were made: a rule passes them only when set, so the parameters of every
+# existing run, and so Snakemake's view of them, stay as they were.
+LATER_FINETUNE_KEYS = ("processes", "gradient_checkpointing", "loss_chunk_tokens")
 
 
 class FinetuneSettings(FinetuneConfig):
@@ -247,6 +266,14 @@ class FinetuneSettings(FinetuneConfig):
 
     seed: int = 0
     device: Device = "auto"
+
+    @model_serializer(mode="wrap")
+    def _without_later_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        values = handler(self)
+        for key in LATER_FINETUNE_KEYS:
+            if getattr(self, key) == FinetuneConfig.model_fields[key].default:
+                del values[key]
+        return values
 
 
 class EvaluateConfig(SamplingConfig):

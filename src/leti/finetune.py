@@ -8,17 +8,26 @@ step is logged; every `checkpoint_every` steps the trainable weights, optimizer,
 scheduler, random state and position in the data are saved, so a killed job that
 is rerun continues where it stopped and ends with the same adapter.
 
-The loop runs through `accelerate`, so `accelerate launch -m leti.cli finetune ...`
-trains data-parallel on several GPUs with no change here.
+`processes: N` trains data-parallel: `leti finetune` starts N copies of itself through torch's
+launcher (`run_processes`), one per GPU on CUDA, gloo processes on a CPU. Every process plans
+every step, so each knows every other's share without asking: the texts of a step are dealt out
+over the processes, every process runs as many forward passes (zero-weight stand-ins where its
+share is shorter), and the loss is divided by the whole step's token counts, so the gradient is
+the one-process gradient up to float rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import itertools
 import math
 import os
 import random
+import signal
+import subprocess
+import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +54,8 @@ from leti.records import FeedbackExample, TrainStep
 
 IGNORE_INDEX = -100
 CHECKPOINT_FILE = "checkpoint.pt"
+# Part of every run's fingerprint: a checkpoint in an older layout is not resumed.
+CHECKPOINT_FORMAT = 2
 
 
 class FinetuneError(LetiError):
@@ -237,6 +248,89 @@ def plan_training(feedback: Sequence[TokenizedText], settings: FinetuneSettings,
     return TrainingPlan(batches, epoch_of_batch)
 
 
+@dataclass(frozen=True)
+class WeightedPass:
+    """One forward pass and the weight of its summed token losses in the step's loss."""
+
+    sequences: list[TokenizedText]
+    weight: float
+
+
+def process_passes(
+    batches: Sequence[Sequence[TokenizedText]], rank: int, processes: int, forward_tokens: int
+) -> list[WeightedPass]:
+    """The forward passes of one optimizer step that process `rank` of `processes` runs.
+
+    The step's texts are dealt out in turn, so a step of fewer texts than processes leaves some
+    with none. A pass holds texts of one batch, and weighs each token 1 / (its batch's labelled
+    tokens x the step's batches): the step's loss is the mean over its batches of each batch's mean
+    token loss, however the batches are split into passes and over processes.
+    """
+    weights = []
+    for batch in batches:
+        labelled = sum(predicted_tokens(sequence) for sequence in batch)
+        weights.append(1 / (labelled * len(batches)) if labelled else 0.0)
+    dealt = [(index, sequence) for index, batch in enumerate(batches) for sequence in batch][rank::processes]
+    return [
+        WeightedPass(part, weights[index])
+        for index, group in itertools.groupby(dealt, key=lambda item: item[0])
+        for part in forward_passes([sequence for _, sequence in group], forward_tokens)
+    ]
+
+
+def step_passes(
+    batches: Sequence[Sequence[TokenizedText]], rank: int, processes: int, forward_tokens: int
+) -> list[WeightedPass | None]:
+    """`process_passes`, with None (a zero-weight stand-in) up to the most passes of any process:
+    every process must run as many forward and backward passes, or the gradient all-reduce of the
+    last one waits forever for the processes that ran out."""
+    shares = [process_passes(batches, other, processes, forward_tokens) for other in range(processes)]
+    most = max(len(share) for share in shares)
+    return [*shares[rank], *[None] * (most - len(shares[rank]))]
+
+
+def run_processes(processes: int, device: str, threads: int, arguments: Sequence[str]) -> int:
+    """Runs `leti <arguments>` in `processes` processes started by torch's launcher (torchrun), one
+    per GPU on CUDA (NCCL), gloo on a CPU, and returns its exit status. `--standalone` picks a free
+    port, so jobs side by side do not collide."""
+    if resolve_device(device).type == "cuda" and processes > torch.cuda.device_count():
+        raise FinetuneError(
+            f"finetune.processes: {processes} processes, one per GPU, but this job sees "
+            f"{torch.cuda.device_count()} GPUs; give fine-tuning jobs as many (resources.gpus)"
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        # Without it, torchrun's parser takes `--log` for an abbreviation of its own `--log-dir`.
+        "--",
+        "leti.cli",
+        *arguments,
+    ]
+    # torchrun sets 1 thread, with a warning, where OpenMP's count is not set.
+    threads_each = str(max(1, threads // processes))
+    return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads_each}).returncode
+
+
+def launched() -> bool:
+    """Is this process one of those a distributed launcher (torchrun, `accelerate launch`) started?"""
+    return "WORLD_SIZE" in os.environ
+
+
+def die_with_launcher() -> None:
+    """Has Linux kill this process when the launcher that started it dies.
+
+    torchrun starts each process in a session of its own, so killing the job's process group (a
+    killed Snakemake, `kill -9`) would leave them training, and writing the outputs, unseen;
+    the rerun would then race them."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 # --- model
 
 
@@ -247,14 +341,18 @@ def load_policy(
     dtype,
     tokenizer,
 ):
-    """The model to train. LoRA: the base model with the previous iteration's adapter, or a fresh one
-    that also trains the LETI tokens' embedding rows. Full: every weight of the previous iteration's
-    model, or of the base model."""
+    """The model to train. LoRA: the base model, its frozen weights in `dtype`, with the previous
+    iteration's adapter, or a fresh one that also trains the LETI tokens' embedding rows. Full: every
+    weight of the previous iteration's model, or of the base model, in float32."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     if settings.method == "full":
-        return AutoModelForCausalLM.from_pretrained(previous or model_dir, dtype=dtype, local_files_only=True)
+        # The master weights stay float32 from iteration to iteration: loaded in bfloat16, every
+        # iteration would round what the last one learned. `dtype` is only the compute's (autocast).
+        return AutoModelForCausalLM.from_pretrained(
+            previous or model_dir, dtype=torch.float32, local_files_only=True
+        )
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     if previous is not None:
         return PeftModel.from_pretrained(base, previous, is_trainable=True)
@@ -303,6 +401,79 @@ def half_precision_compute(
             layer.cast_input_dtype_enabled = True
 
 
+def enable_gradient_checkpointing(policy: torch.nn.Module) -> None:
+    """Each decoder layer's activations are recomputed in the backward pass instead of kept.
+
+    Non-reentrant checkpoints: the gradient reaches the LoRA weights although the frozen layers'
+    inputs need none (what the reentrant kind needs `enable_input_require_grads` for), and DDP sees
+    each weight's gradient once per backward pass."""
+    # Renamed in transformers 5, where the old name warns; 4.x has only the old one.
+    enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+class NextTokenLoss(torch.nn.Module):
+    """The policy's summed next-token cross-entropy over the labelled positions of a pass.
+
+    The output layer runs on `chunk_tokens` positions at a time, each chunk under an activation
+    checkpoint, so the logits of only one chunk exist at once, in the forward and in the backward
+    pass: a pass of 16k positions over Qwen's 152k-token vocabulary would otherwise hold 10 GB of
+    float32 logits, and as much again for their gradient. Only labelled positions reach the output
+    layer. The sum is the one transformers' causal-LM loss computes, before it divides by the count.
+    """
+
+    def __init__(self, policy: torch.nn.Module, chunk_tokens: int) -> None:
+        super().__init__()
+        self.policy = policy
+        self.chunk_tokens = chunk_tokens
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        hidden = (
+            self.policy.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        labelled = targets != IGNORE_INDEX
+        if not labelled.any():
+            # Every weight takes part in every pass, as DDP's all-reduce expects: the output layer too.
+            return self.policy.get_output_embeddings()(hidden[:, -1]).sum() * 0.0
+        positions, targets = hidden[:, :-1][labelled], targets[labelled]
+        return sum(
+            # Nothing random runs in a chunk: no random state to keep for its recomputation.
+            checkpoint(
+                self._chunk_loss,
+                positions[start : start + self.chunk_tokens],
+                targets[start : start + self.chunk_tokens],
+                use_reentrant=False,
+                preserve_rng_state=False,
+            )
+            for start in range(0, len(targets), self.chunk_tokens)
+        )
+
+    def _chunk_loss(self, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.policy.get_output_embeddings()(positions).float()
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def check_output_layer(policy: torch.nn.Module, device: torch.device) -> None:
+    """`NextTokenLoss` takes the logits to be the output layer applied to the decoder's hidden
+    states, as in Qwen2, Llama or CodeGen; a model that changes them further (Gemma 2 caps them)
+    would train on a wrong loss. Leaves the policy in eval mode (no dropout, so nothing random)."""
+    ids = torch.tensor([[0, 1]], device=device)
+    policy.eval()
+    with torch.no_grad():
+        logits = policy(input_ids=ids).logits
+        recomputed = policy.get_output_embeddings()(policy.get_decoder()(input_ids=ids).last_hidden_state)
+    if not torch.allclose(logits.float(), recomputed.float(), rtol=1e-3, atol=1e-3):
+        raise FinetuneError(
+            f"{type(policy).__name__}: its logits are not its output layer applied to its decoder's "
+            "hidden states, which the chunked loss assumes"
+        )
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {
         name: parameter.detach().clone()
@@ -322,9 +493,11 @@ def _sort_target_modules(model: torch.nn.Module) -> None:
 # --- checkpoints
 
 
-def fingerprint(settings: FinetuneSettings, *paths: str | os.PathLike[str] | None) -> str:
-    """Identifies a training run: a checkpoint of another run is never resumed."""
+def fingerprint(settings: FinetuneSettings, processes: int, *paths: str | os.PathLike[str] | None) -> str:
+    """Identifies a training run: a checkpoint of another run is never resumed, nor one written by
+    another number of processes (each keeps its own random state)."""
     digest = hashlib.sha256(settings.model_dump_json().encode())
+    digest.update(f"format {CHECKPOINT_FORMAT}, {processes} processes".encode())
     for path in paths:
         if path is None:
             digest.update(b"-")
@@ -346,17 +519,26 @@ def save_checkpoint(directory: Path, state: dict) -> None:
 def load_checkpoint(directory: Path | None, run_id: str) -> dict | None:
     if directory is None or not (directory / CHECKPOINT_FILE).is_file():
         return None
-    state = torch.load(directory / CHECKPOINT_FILE, weights_only=False)
+    # On the CPU whatever device wrote it: random states must be CPU tensors, and every process
+    # of a data-parallel run loads it.
+    state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     return state if state.get("run_id") == run_id else None
 
 
 def random_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """This process's random state. The CUDA generators only once CUDA is in use: LoRA dropout on a
+    GPU draws from them, and querying them would otherwise start CUDA for nothing."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_random_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --- the loop
@@ -365,23 +547,22 @@ StepCallback = Callable[[TrainStep], None]
 
 
 def accumulate_gradients(
-    model, accelerator, batches: Sequence[Sequence[TokenizedText]], forward_tokens: int, pad_id: int
+    model, accelerator, passes: Sequence[WeightedPass | None], pad_id: int
 ) -> tuple[float, int]:
-    """Forward and backward over this process's batches of one optimizer step: (mean loss, tokens)."""
+    """Forward and backward over this process's passes of one optimizer step (`step_passes`):
+    (its part of the step's loss, its tokens)."""
     step_loss, step_tokens = 0.0, 0
-    for position, sequences in enumerate(batches):
-        labelled = sum(predicted_tokens(sequence) for sequence in sequences)
-        passes = forward_passes(sequences, forward_tokens)
-        for pass_index, part in enumerate(passes):
-            batch = {k: v.to(accelerator.device) for k, v in collate(part, pad_id).items()}
-            # Gradients are averaged across processes once per step, on the last pass.
-            last = position == len(batches) - 1 and pass_index == len(passes) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                # A sum over the pass's tokens divided by the whole batch's: the passes
-                # add up to the batch's mean loss, whatever the split.
-                loss = model(**batch, num_items_in_batch=labelled).loss
-                accelerator.backward(loss / len(batches))
-            step_loss += loss.item() / len(batches)
+    stand_in = WeightedPass([TokenizedText([pad_id], [IGNORE_INDEX])], 0.0)
+    for index, weighted in enumerate(passes):
+        sequences, weight = (weighted or stand_in).sequences, (weighted or stand_in).weight
+        batch = {k: v.to(accelerator.device) for k, v in collate(sequences, pad_id).items()}
+        # Gradients are averaged across processes once per step, on the last pass.
+        with contextlib.nullcontext() if index == len(passes) - 1 else accelerator.no_sync(model):
+            loss = model(**batch) * weight
+            # DDP averages the processes' gradients, and the weights already divide by the whole step's tokens.
+            accelerator.backward(loss * accelerator.num_processes)
+        step_loss += loss.item()
+        if weighted is not None:
             step_tokens += int(batch["attention_mask"].sum())
     return step_loss, step_tokens
 
@@ -398,16 +579,20 @@ def finetune(
     on_step: StepCallback | None = None,
 ) -> list[TrainStep]:
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import AutoTokenizer, get_scheduler
 
     from leti.progress import StageProgress
 
-    set_cpu_threads(threads)
+    if launched():
+        die_with_launcher()
     # device: cuda without a visible GPU fails here, before any work.
     accelerator = Accelerator(cpu=resolve_device(settings.device).type == "cpu")
+    # `threads` are the job's: each of its processes takes its share.
+    set_cpu_threads(max(1, threads // accelerator.num_processes) if threads else None)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else None
-    run_id = fingerprint(settings, model_dir, feedback_path, previous_adapter)
+    run_id = fingerprint(settings, accelerator.num_processes, model_dir, feedback_path, previous_adapter)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     pad_id = padding_id(tokenizer)
@@ -417,21 +602,28 @@ def finetune(
     plan = plan_training(
         tokenize_examples(examples, tokenizer, settings.max_length, settings.loss_on), settings, tokenizer
     )
-    # One optimizer step takes `gradient_accumulation_steps` batches on each of the processes.
-    per_step = settings.gradient_accumulation_steps * accelerator.num_processes
+    # One optimizer step takes `gradient_accumulation_steps` batches, however many processes share them.
+    per_step = settings.gradient_accumulation_steps
     step_starts = list(range(0, plan.total_batches, per_step))
 
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
     dtype = training_dtype(settings.dtype, accelerator.device)
-    model = load_policy(model_dir, previous_adapter, settings, dtype, tokenizer)
+    policy = load_policy(model_dir, previous_adapter, settings, dtype, tokenizer).to(accelerator.device)
+    check_output_layer(policy, accelerator.device)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     # Trainable weights and optimizer state in float32 even over bfloat16 weights: small updates vanish in bfloat16.
-    for parameter in model.parameters():
+    for parameter in policy.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
-    model.train()
+    policy.train()
+    if accelerator.process_index:
+        # Each process draws its own dropout masks; the first keeps the one-process random stream.
+        # (The weights are the same everywhere: DDP copies the first process's.)
+        torch.manual_seed(settings.seed + accelerator.process_index)
     optimizer = torch.optim.AdamW(
-        [parameter for parameter in model.parameters() if parameter.requires_grad],
+        [parameter for parameter in policy.parameters() if parameter.requires_grad],
         lr=settings.learning_rate,
         weight_decay=settings.weight_decay,
     )
@@ -441,15 +633,15 @@ def finetune(
         num_warmup_steps=settings.warmup_steps,
         num_training_steps=len(step_starts),
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(NextTokenLoss(policy, settings.loss_chunk_tokens), optimizer)
 
     log: list[TrainStep] = []
     resumed = load_checkpoint(checkpoints, run_id)
     if resumed is not None:
-        accelerator.unwrap_model(model).load_state_dict(resumed["trainable"], strict=False)
+        policy.load_state_dict(resumed["trainable"], strict=False)
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        restore_random_state(resumed["random"])
+        restore_random_state(resumed["random"][accelerator.process_index])
         log = [TrainStep.model_validate(step) for step in resumed["log"]]
         accelerator.print(
             f"resuming after step {len(log)} of {len(step_starts)} ({checkpoints / CHECKPOINT_FILE})"
@@ -465,29 +657,33 @@ def finetune(
         TimeRemainingColumn(),
         disable=not accelerator.is_main_process,
     )
-    with progress, half_precision_compute(accelerator.unwrap_model(model), dtype, accelerator.device):
+    with progress, half_precision_compute(policy, dtype, accelerator.device):
         bar = progress.add_task(
             "finetune", total=len(step_starts), completed=len(log), loss=float("nan"), tokens_per_s=0.0
         )
         for start in step_starts[len(log) :]:
             started = time.perf_counter()
             group = range(start, min(start + per_step, plan.total_batches))
-            mine = [plan.batches[index] for index in group][
-                accelerator.process_index :: accelerator.num_processes
-            ]
-            step_loss, step_tokens = accumulate_gradients(
-                model, accelerator, mine, settings.forward_tokens, pad_id
+            passes = step_passes(
+                [plan.batches[index] for index in group],
+                accelerator.process_index,
+                accelerator.num_processes,
+                settings.forward_tokens,
             )
+            own_loss, own_tokens = accumulate_gradients(model, accelerator, passes, pad_id)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            step_loss, step_tokens = accelerator.reduce(
+                torch.tensor([own_loss, own_tokens], dtype=torch.float64, device=accelerator.device), "sum"
+            ).tolist()
             elapsed = time.perf_counter() - started
             step = TrainStep(
                 step=len(log) + 1,
                 epoch=plan.epoch_of_batch[group[0]],
                 loss=step_loss,
                 learning_rate=scheduler.get_last_lr()[0],
-                tokens=step_tokens,
+                tokens=int(step_tokens),
                 tokens_per_s=step_tokens / elapsed if elapsed > 0 else 0.0,
             )
             log.append(step)
@@ -497,25 +693,27 @@ def finetune(
                 and settings.checkpoint_every
                 and step.step % settings.checkpoint_every == 0
             ):
-                save_checkpoint(
-                    checkpoints,
-                    {
-                        "run_id": run_id,
-                        "trainable": trainable_state(accelerator.unwrap_model(model)),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "random": random_state(),
-                        "log": [entry.model_dump() for entry in log],
-                    },
-                )
+                # Every process's random state (a collective: all of them take part), one writer.
+                random_states = gather_object([random_state()])
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        checkpoints,
+                        {
+                            "run_id": run_id,
+                            "trainable": trainable_state(policy),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "random": random_states,
+                            "log": [entry.model_dump() for entry in log],
+                        },
+                    )
             if on_step is not None:
                 on_step(step)
 
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(model)
         with atomic_directory(output) as staging:
-            _sort_target_modules(trained)
-            trained.save_pretrained(staging)
+            _sort_target_modules(policy)
+            policy.save_pretrained(staging)
         write_jsonl(log_path, log)
         if checkpoints is not None:
             (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
