@@ -122,6 +122,14 @@ def test_device_reaches_generation_and_fine_tuning_settings() -> None:
     cuda = Config.model_validate({**config.model_dump(mode="json"), "device": "cuda"})
     assert cuda.generation_settings("eval", 1).device == "cuda"
     assert cuda.job_resources("finetune")["gpu"] == 1
+    data_parallel = Config.model_validate(
+        {
+            **cuda.model_dump(mode="json"),
+            "finetune": {**cuda.finetune.model_dump(mode="json"), "processes": 4},
+        }
+    )
+    assert data_parallel.job_resources("finetune")["gpu"] == 4
+    assert data_parallel.job_resources("generate")["gpu"] == 1
     assert "gpu" not in cuda.job_resources("execute")
 
 

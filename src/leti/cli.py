@@ -396,6 +396,8 @@ def finetune(
     from leti.finetune import launched, run_processes
 
     parsed = FinetuneSettings.model_validate_json(settings)
+    if parsed.device != "cpu" and not launched():
+        claim_gpus(parsed.processes)  # the launched processes see only these
     if parsed.processes > 1 and not launched():
         arguments = ["finetune", "--model", str(model), "--feedback", str(feedback), "--output", str(output)]
         arguments += ["--log", str(log), "--settings", settings, "--threads", str(threads)]

@@ -769,7 +769,9 @@ class Config(Section):
         resources = {"mem_mb": job.mem_mb, "runtime": job.runtime}
         if rule in GPU_RULES and self.device != "cpu":
             uses_gpu = self.device == "cuda" or visible_gpus() > 0
-            resources["gpu"] = self.resources.gpus if uses_gpu else 0
+            # A data-parallel fine-tuning job runs one process per GPU.
+            wanted = max(self.resources.gpus, self.finetune.processes if rule == "finetune" else 0)
+            resources["gpu"] = wanted if uses_gpu else 0
         return resources
 
     def mbpp_path(self) -> Path | None:
