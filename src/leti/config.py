@@ -251,7 +251,7 @@ class FinetuneConfig(Section):
     )
     loss_chunk_tokens: Count = Field(
         default=1024,
-        description="Positions whose logits exist at once: the loss runs over a pass's positions in chunks "
+        description="Labelled positions whose logits exist at once: the loss runs over a pass in chunks "
         "of this many, so a pass never holds the logits of every position.",
     )
 

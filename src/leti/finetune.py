@@ -415,11 +415,13 @@ def enable_gradient_checkpointing(policy: torch.nn.Module) -> None:
 class NextTokenLoss(torch.nn.Module):
     """The policy's summed next-token cross-entropy over the labelled positions of a pass.
 
-    The output layer runs on `chunk_tokens` positions at a time, each chunk under an activation
-    checkpoint, so the logits of only one chunk exist at once, in the forward and in the backward
-    pass: a pass of 16k positions over Qwen's 152k-token vocabulary would otherwise hold 10 GB of
-    float32 logits, and as much again for their gradient. Only labelled positions reach the output
-    layer. The sum is the one transformers' causal-LM loss computes, before it divides by the count.
+    The output layer runs on `chunk_tokens` positions at a time, every chunk but the last under an
+    activation checkpoint, so the logits of only one chunk exist at once, in the forward and in the
+    backward pass: a pass of 16k positions over Qwen's 152k-token vocabulary would otherwise hold
+    10 GB of float32 logits, and as much again for their gradient. The last chunk's logits are the
+    first the backward pass needs, so keeping them costs no more memory than recomputing them, and
+    a pass of one chunk computes nothing twice. Only labelled positions reach the output layer. The
+    sum is the one transformers' causal-LM loss computes, before it divides by the count.
     """
 
     def __init__(self, policy: torch.nn.Module, chunk_tokens: int) -> None:
@@ -441,7 +443,8 @@ class NextTokenLoss(torch.nn.Module):
             # Every weight takes part in every pass, as DDP's all-reduce expects: the output layer too.
             return self.policy.get_output_embeddings()(hidden[:, -1]).sum() * 0.0
         positions, targets = hidden[:, :-1][labelled], targets[labelled]
-        return sum(
+        *recomputed, kept = range(0, len(targets), self.chunk_tokens)
+        chunk_losses = [
             # Nothing random runs in a chunk: no random state to keep for its recomputation.
             checkpoint(
                 self._chunk_loss,
@@ -450,8 +453,9 @@ class NextTokenLoss(torch.nn.Module):
                 use_reentrant=False,
                 preserve_rng_state=False,
             )
-            for start in range(0, len(targets), self.chunk_tokens)
-        )
+            for start in recomputed
+        ]
+        return sum(chunk_losses, self._chunk_loss(positions[kept:], targets[kept:]))
 
     def _chunk_loss(self, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.policy.get_output_embeddings()(positions).float()
