@@ -186,9 +186,9 @@ def load_policy(
                 f"adapter {adapter_dir} does not fit the model {model_dir}: {error}"
             ) from None
     # Prefill asks for the last position's logits only, a strided [batch, 1, hidden] slice.
-    # torch.matmul folds such an input into a matrix when the weight requires grad; for a
-    # frozen weight (as from_pretrained and merge_and_unload leave them) it broadcasts the 150k-row output
-    # embedding over the batch instead: 8 GB for a prefill of 32 prompts.
+    # torch.matmul folds such an input into a matrix when the weight requires grad; for a frozen
+    # weight (as peft leaves them, merged or not) it broadcasts the 150k-row output embedding
+    # over the batch instead: 8 GB for a prefill of 32 prompts.
     model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     model.to(target)
     model.eval()

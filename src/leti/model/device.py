@@ -2,9 +2,9 @@
 
 `device` is the config's `auto | cpu | cuda`. bfloat16 is used where the hardware computes it
 natively: CUDA GPUs of compute capability 8.0 and later (Ampere on), ROCm GPUs, and CPUs with
-AVX-512 BF16 or AMX (about 2.7x faster for batched decoding than float32 there, BENCHMARKS.md);
-elsewhere float32. Inference on a CUDA GPU without native bfloat16 (a V100, a T4) runs in
-float16; training never does (its small updates underflow).
+AVX-512 BF16 or AMX; elsewhere float32, since emulated bfloat16 is far slower
+(docs/running.md#how-long-it-takes). Inference on a CUDA GPU without native bfloat16 (a V100, a
+T4) runs in float16; training never does (its small updates underflow).
 
 `set_cpu_threads` is how every stage sets torch's CPU threads: it also works around a race in
 oneMKL that otherwise makes reruns of one job differ.
