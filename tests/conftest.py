@@ -49,7 +49,9 @@ def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
     command = [shutil.which("snakemake", path=bin_dir) or "snakemake"]
     command += ["--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    # A guard against a hang, not a speed goal: the tiny DAG (with probe_generation, ~80 jobs) took
+    # up to 955 s on 2 shared cores.
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
 
 
 @dataclass
