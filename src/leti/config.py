@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -256,24 +256,29 @@ class FinetuneConfig(Section):
     )
 
 
-# Keys added after runs were made: a rule passes them only when set, so the parameters of every
-# existing run, and so Snakemake's view of them, stay as they were.
-LATER_FINETUNE_KEYS = ("processes", "gradient_checkpointing", "loss_chunk_tokens")
+class KeysAddedLater(BaseModel):
+    """Settings whose keys added after runs were made enter the dump, a rule's parameters, only when
+    they differ from their default: the parameters of every existing job, and so Snakemake's view of
+    them, stay as they were."""
+
+    later_keys: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_later_defaults(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped = serialize(self)
+        for key in self.later_keys:
+            if getattr(self, key) == type(self).model_fields[key].default:
+                dumped.pop(key, None)
+        return dumped
 
 
-class FinetuneSettings(FinetuneConfig):
+class FinetuneSettings(FinetuneConfig, KeysAddedLater):
     """What `leti finetune` receives."""
+
+    later_keys: ClassVar[tuple[str, ...]] = ("processes", "gradient_checkpointing", "loss_chunk_tokens")
 
     seed: int = 0
     device: Device = "auto"
-
-    @model_serializer(mode="wrap")
-    def _without_later_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        values = handler(self)
-        for key in LATER_FINETUNE_KEYS:
-            if getattr(self, key) == FinetuneConfig.model_fields[key].default:
-                del values[key]
-        return values
 
 
 class EvaluateConfig(SamplingConfig):
@@ -363,8 +368,10 @@ class ProbeSettings(ProbeScoring):
     device: Device = "auto"
 
 
-class GenerationSettings(SamplingConfig):
+class GenerationSettings(SamplingConfig, KeysAddedLater):
     """What `leti generate` receives for one policy and purpose (rollouts or evaluation)."""
+
+    later_keys: ClassVar[tuple[str, ...]] = ("merge_adapter",)
 
     seed: int
     policy_iteration: NonNegativeCount
@@ -373,15 +380,6 @@ class GenerationSettings(SamplingConfig):
     dtype: ModelDtype = "auto"
     device: Device = "auto"
     merge_adapter: bool = True
-
-    @model_serializer(mode="wrap")
-    def _without_default_merge(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """The dump, the generate rule's parameters, has `merge_adapter` only when it is false: adding
-        the key left the parameters of every existing job, and so Snakemake's view of them, unchanged."""
-        dumped = serialize(self)
-        if self.merge_adapter:
-            dumped.pop("merge_adapter", None)
-        return dumped
 
 
 class GenerationProbeSettings(ProbeProblems):
