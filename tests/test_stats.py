@@ -34,6 +34,14 @@ def test_too_few_problems_are_not_significant() -> None:
     assert stats.compare([np.ones(5)], [np.zeros(5)]).p_value > 0.05
 
 
+def test_one_problem_with_a_non_binary_score_has_p_1() -> None:
+    comparison = stats.compare([np.array([0.75])], [np.array([0.25])])
+    assert comparison.test == "paired-permutation"
+    assert comparison.p_value == 1.0
+    assert comparison.difference == pytest.approx(0.5)
+    assert comparison.ci_low == comparison.ci_high == pytest.approx(0.5)
+
+
 def test_mcnemar_counts_only_discordant_problems() -> None:
     a = np.array([1, 1, 1, 1, 1, 1, 0, 0, 1, 0] * 3, dtype=float)
     b = np.array([1, 0, 0, 0, 0, 1, 1, 0, 1, 0] * 3, dtype=float)

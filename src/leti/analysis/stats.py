@@ -162,7 +162,8 @@ def _paired_permutation(data_a: list[np.ndarray], data_b: list[np.ndarray], stat
     (scipy would otherwise permute each column on its own)."""
     problems = len(data_a[0])
     stacked = [np.concatenate([a, b]) for a, b in zip(data_a, data_b, strict=True)]
-    if all(np.array_equal(a, b) for a, b in zip(data_a, data_b, strict=True)):
+    if problems < 2 or all(np.array_equal(a, b) for a, b in zip(data_a, data_b, strict=True)):
+        # One problem has two arrangements, +d and -d, so a two-sided p of 1 (scipy refuses it).
         return 1.0
 
     def difference(index_a: np.ndarray, index_b: np.ndarray, axis: int = -1) -> np.ndarray:
