@@ -41,6 +41,8 @@ rule prepare_tasks:
     input:
         source=task_source,
         ontology=task_ontology,
+        # Which shipped problems run their tests in the program's process (docs/sandbox.md#isolation).
+        in_process=f"{workflow.basedir}/src/leti/tasks/in_process.json",
     output:
         "resources/tasks/{dataset}/{split}.jsonl",
     params:

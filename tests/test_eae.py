@@ -12,7 +12,7 @@ import yaml
 from conftest import run_snakemake, tiny_pipeline_config
 
 from leti.config import ExecuteConfig
-from leti.execute import to_execution
+from leti.execute import execute_samples, program_for, programs_for
 from leti.io import read_json, read_jsonl
 from leti.records import Execution, ExecutionStatus, Metrics, Probe, Problem, Sample, SandboxImage
 from leti.sandbox import open_pool, run_programs
@@ -243,8 +243,6 @@ def test_duplicate_event_mentions_are_rejected(tmp_path: Path) -> None:
 
 def run_in_sandbox(problem: Problem, completions: list[str], image: SandboxImage) -> list[Execution]:
     settings = ExecuteConfig()
-    with open_pool(settings, 2, image) as pool:
-        results = run_programs(pool, [problem.program(completion) for completion in completions])
     samples = [
         Sample(
             task_id=problem.task_id,
@@ -258,7 +256,8 @@ def run_in_sandbox(problem: Problem, completions: list[str], image: SandboxImage
         )
         for index, completion in enumerate(completions)
     ]
-    return [to_execution(sample, result, settings) for sample, result in zip(samples, results, strict=True)]
+    with open_pool(settings, 2, image) as pool:
+        return execute_samples(pool, samples, programs_for([problem], samples, "completions"), settings)
 
 
 def completion(vehicle: str = 'VEH("a 30-foot Cuban patrol boat")', **roles: str) -> str:
@@ -393,7 +392,7 @@ def test_every_geneva_reference_solution_passes_its_verifier(
     started = time.monotonic()
     with open_pool(ExecuteConfig(), 2, sandbox_image) as pool:
         results = run_programs(
-            pool, [problem.program("\n" + problem.reference_solution) for problem in problems]
+            pool, [program_for(problem, "\n" + problem.reference_solution) for problem in problems]
         )
     elapsed = time.monotonic() - started
     failures = {

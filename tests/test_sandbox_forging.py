@@ -1,13 +1,13 @@
 """Programs that try to forge a pass, run for real in both backends.
 
-Each case is a solution and a test that the solution fails. Whatever the solution does to the
-harness, the verdict must stay `failed`. The cases run as the execute stage runs a sample:
-`Problem.program` joins the solution and the tests into one program.
+Each case is a solution and a test that the solution fails. Whatever the solution does, to its own
+process, the harness, the sandbox's other processes or the channels between them, the verdict must
+stay `failed` when the tests run apart from the program (`isolation: separate`, what the execute
+stage does for every shipped problem but three).
 
-Today the tests run in the program's own process, so a program can reach the harness. The cases in
-`FORGES_TODAY` do forge a pass and are strict xfails: they document the hole, prove that each attack
-really works against an in-process harness, and turn red the day the tests run where the program
-cannot reach them (issue 31), so that their marks are removed with the fix.
+The same cases also run with the tests in the program's process (`in_process`). There the cases in
+`FORGES_IN_PROCESS` do forge a pass, and are strict expected failures: each attack really works
+against a harness in the program's reach, so its failure in separate processes is not vacuous.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from leti.config import ExecuteConfig
+from leti.execute import program_for
 from leti.records import ExecutionStatus, Problem, SandboxImage
 from leti.sandbox import SandboxPool, open_pool
 
@@ -147,6 +148,58 @@ class _Anything(int):
 def add(a, b):
     return _Anything(a + b)
 """,
+    # A pass written into every descriptor of every other process the program can see: the
+    # dispatcher's stdout is the host's channel, and a pipe's read end reopened through /proc
+    # writes into that pipe.
+    "writes_a_pass_into_every_process_through_proc": WRONG_ADD
+    + """
+import os
+for pid in os.listdir("/proc"):
+    if pid.isdigit() and int(pid) != os.getpid():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
+                os.write(handle, b'{"status": "passed"}\\n{"outcome": "passed"}\\n')
+            except OSError:
+                pass
+""",
+    # Secrets read from every other process's memory, then a pass forged with each, everywhere.
+    "reads_secrets_from_other_processes_memory": WRONG_ADD
+    + FORGE_ON_EVERY_DESCRIPTOR
+    + """
+import re
+tokens = set()
+for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) == os.getpid():
+        continue
+    try:
+        with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb") as memory:
+            for line in maps:
+                start, end = (int(part, 16) for part in line.split()[0].split("-"))
+                if "rw" in line.split()[1] and end - start < (64 << 20):
+                    memory.seek(start)
+                    tokens.update(m.decode() for m in re.findall(rb"[0-9a-f]{32}", memory.read(end - start)))
+    except (OSError, ValueError, OverflowError):
+        pass
+_forge(sorted(tokens)[:64])
+""",
+    # Every other process of the sandbox killed: the tests' process among them, when there is one.
+    "kills_every_other_process": WRONG_ADD
+    + """
+import os, signal
+for pid in os.listdir("/proc"):
+    if pid.isdigit() and int(pid) not in (1, os.getpid()):
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+""",
+    # Module code that never returns control: the program forks, and the child answers instead.
+    "forks_and_exits_the_parent": WRONG_ADD + "import os\nif os.fork():\n    os._exit(0)\n",
     # The interpreter's own int comparison, changed in its type dictionary through gc.
     "patches_int_equality": WRONG_ADD
     + """
@@ -177,8 +230,8 @@ CASE_TESTS: dict[str, str] = {
     "returns_an_always_equal_always_hashing_subclass": "assert add(1, 2) == 4\nassert add(1, 2) in {4}\n",
 }
 
-# Attacks that reach today's in-process harness (see the module's docstring).
-FORGES_TODAY = {
+# Attacks that reach a harness in the program's process (see the module's docstring).
+FORGES_IN_PROCESS = {
     "patches_the_harness_through_caller_frames",
     "rewrites_the_code_of_the_harness_functions",
     "rewrites_json_dumps",
@@ -190,15 +243,14 @@ FORGES_TODAY = {
 }
 
 
-def program_for(case: str) -> str:
-    problem = Problem(
+def problem_for(case: str) -> Problem:
+    return Problem(
         task_id=f"forging/{case}",
         dataset="forging",
         split="test",
         prompt="",
         test_code=CASE_TESTS.get(case, TESTS),
     )
-    return problem.program(CASES[case])
 
 
 @pytest.fixture(scope="module", params=["docker", "local"])
@@ -208,20 +260,11 @@ def pool(request: pytest.FixtureRequest, sandbox_image: SandboxImage) -> Iterato
         yield opened
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case,
-            marks=pytest.mark.xfail(
-                case in FORGES_TODAY, reason="forges a pass in-process (issue 31)", strict=True
-            ),
-        )
-        for case in CASES
-    ],
-)
+@pytest.mark.parametrize("case", list(CASES))
 def test_a_program_that_fails_its_test_stays_failed_whatever_it_does(pool: SandboxPool, case: str) -> None:
-    result = pool.run(program_for(case))
+    problem = problem_for(case)
+    assert problem.isolation == "separate"
+    result = pool.run(program_for(problem, CASES[case]))
     assert result.status == ExecutionStatus.failed, (
         result.status,
         result.exception_type,
@@ -229,11 +272,31 @@ def test_a_program_that_fails_its_test_stays_failed_whatever_it_does(pool: Sandb
     )
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            case,
+            marks=pytest.mark.xfail(
+                case in FORGES_IN_PROCESS, reason="reaches the harness in the program's process", strict=True
+            ),
+        )
+        for case in CASES
+    ],
+)
+def test_with_the_tests_in_the_programs_process_only_the_known_attacks_forge(
+    pool: SandboxPool, case: str
+) -> None:
+    problem = problem_for(case).model_copy(update={"isolation": "in_process"})
+    result = pool.run(program_for(problem, CASES[case]))
+    assert result.status == ExecutionStatus.failed, (result.status, result.exception_type)
+
+
 def test_the_cases_fail_their_tests_without_the_attack(pool: SandboxPool) -> None:
     # The wrong solution alone: its test is a real failure, so a pass above can only be forged.
+    wrong = WRONG_ADD.replace("return a + b", "return a + b + 0.5")
     for tests in {TESTS, *CASE_TESTS.values()}:
         problem = Problem(
             task_id="forging/plain", dataset="forging", split="test", prompt="", test_code=tests
         )
-        result = pool.run(problem.program(WRONG_ADD.replace("return a + b", "return a + b + 0.5")))
-        assert result.status == ExecutionStatus.failed, tests
+        assert pool.run(program_for(problem, wrong)).status == ExecutionStatus.failed, tests

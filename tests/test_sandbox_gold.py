@@ -1,4 +1,5 @@
-"""All 974 MBPP gold solutions, run with their tests in both backends at the default settings."""
+"""All 974 MBPP gold solutions, run with their tests in both backends at the default settings, as the
+execute stage runs a completion."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from leti.config import MBPP_SPLITS, ExecuteConfig
+from leti.execute import program_for
 from leti.records import ExecutionStatus, Problem, SandboxImage
-from leti.sandbox import open_pool, run_programs
+from leti.sandbox import Program, open_pool, run_programs
 from leti.tasks.sources import download_mbpp, load_task_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +33,10 @@ def gold_problems(tmp_path_factory: pytest.TempPathFactory) -> list[Problem]:
     return [problem for split in MBPP_SPLITS for problem in load_task_set("mbpp", split, path)]
 
 
-def gold_program(problem: Problem) -> str:
+def gold_program(problem: Problem) -> Program:
+    """The gold solution as the execute stage runs a completion (its tests apart, for most problems)."""
     assert problem.reference_solution is not None
-    return f"{problem.reference_solution}\n{problem.test_code}"
+    return program_for(problem, "\n" + problem.reference_solution)
 
 
 @pytest.mark.slow

@@ -24,7 +24,8 @@ from leti.sandbox.feedback import feedback_text
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ExecuteConfig(timeout_s=2.0, memory_mb=256)
 
-# Passes only in a clean sandbox; prints its PID namespace and the start time of its PID 1,
+# Passes only in a clean sandbox; prints its PID namespace and the start time of its PID 1 (the
+# dispatcher, whose /proc entries other than stat are closed to programs),
 # which together tell sandboxes apart.
 CLEAN_CHECK = """\
 import os, sys
@@ -35,7 +36,7 @@ assert os.listdir(".") == [], os.listdir(".")
 assert os.listdir("/dev/shm") == [], os.listdir("/dev/shm")
 assert os.path.isfile("/opt/leti/dispatcher.py") and os.path.isfile(sys.executable)
 assert os.path.isfile(os.path.join(os.path.dirname(os.__file__), "json", "__init__.py"))
-print(os.readlink("/proc/1/ns/pid"), open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19])
+print(os.readlink("/proc/self/ns/pid"), open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19])
 """
 
 HOSTILE: dict[str, tuple[str, ExecutionStatus, str | None]] = {

@@ -17,7 +17,7 @@ from leti.config import ExecuteConfig
 from leti.io import write_json
 from leti.records import ExecutionStatus, SandboxImage
 from leti.sandbox import SandboxError, open_pool, run_programs
-from leti.sandbox.base import Channel, ChannelError, RunResult, Sandbox, SandboxPool
+from leti.sandbox.base import Channel, ChannelError, Program, RunResult, Sandbox, SandboxPool
 from leti.sandbox.docker_pool import (
     LABEL,
     OWNER_LABEL,
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Prints the sandbox's PID namespace and the start time of its PID 1: the same sandbox.
 WHICH_SANDBOX = (
     "import os\n"
-    "print(os.readlink('/proc/1/ns/pid'), open('/proc/1/stat').read().rsplit(')', 1)[1].split()[19])\n"
+    "print(os.readlink('/proc/self/ns/pid'), open('/proc/1/stat').read().rsplit(')', 1)[1].split()[19])\n"
 )
 
 
@@ -295,11 +295,11 @@ class FlakySandbox(Sandbox):
     def wait_until_ready(self) -> None:
         pass
 
-    def run(self, program: str, timeout: float) -> RunResult:
+    def run(self, program: Program, timeout: float) -> RunResult:
         self.used += 1
         if self.breaks:
             raise ChannelError("the dispatcher exited")
-        return RunResult(status=ExecutionStatus.passed, stdout=program)
+        return RunResult(status=ExecutionStatus.passed, stdout=program.source)
 
     def stop(self) -> None:
         self.stopped = True

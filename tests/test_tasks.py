@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import planned_jobs, run_snakemake
+from conftest import REPO, planned_jobs, run_snakemake
 
 from leti.io import ArtifactError, read_jsonl
 from leti.records import Problem
@@ -369,6 +369,7 @@ def test_snakemake_prepares_geneva_and_rebuilds_on_a_new_ontology_or_strictness(
     assert set(prepare.inputs) == {
         str(local / "data/lr/lr400/train-s150.json"),
         str(local / "meta_data/event_ontology.json"),
+        str(REPO / "src/leti/tasks/in_process.json"),
     }
     result = run_snakemake(workdir, "--cores", "1", target)
     assert result.returncode == 0, result.stderr
@@ -400,4 +401,5 @@ def test_without_a_local_copy_snakemake_downloads_geneva(
     assert set(prepare.inputs) == {
         "resources/data/geneva/data/test.json",
         "resources/data/geneva/meta_data/event_ontology.json",
+        str(REPO / "src/leti/tasks/in_process.json"),
     }

@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from leti.config import ConfigError, ExecuteConfig
 from leti.io import ArtifactError, read_json, read_jsonl, write_jsonl
 from leti.progress import StageProgress
-from leti.records import Execution, Problem, Sample, SandboxImage
-from leti.sandbox import RunResult, SandboxPool, open_pool, run_programs
+from leti.records import Execution, Isolation, Problem, Sample, SandboxImage
+from leti.sandbox import Program, RunResult, SandboxPool, open_pool, run_programs
 from leti.sandbox.feedback import feedback_text, sanitise
 
 
@@ -31,7 +31,9 @@ def load_settings(text: str) -> ExecuteConfig:
         raise ConfigError(f"invalid execute settings: {problems}") from None
 
 
-def to_execution(sample: Sample, result: RunResult, settings: ExecuteConfig) -> Execution:
+def to_execution(
+    sample: Sample, result: RunResult, settings: ExecuteConfig, isolation: Isolation
+) -> Execution:
     return Execution(
         task_id=sample.task_id,
         sample_index=sample.sample_index,
@@ -44,11 +46,20 @@ def to_execution(sample: Sample, result: RunResult, settings: ExecuteConfig) -> 
         stdout_tail=sanitise(result.stdout, result.scratch),
         stderr_tail=sanitise(result.stderr, result.scratch),
         duration_s=result.duration_s,
+        isolation=isolation,
     )
 
 
-def programs_for(problems: Sequence[Problem], samples: Sequence[Sample], source: str) -> list[str]:
-    """The program each sample runs: its problem's prompt, the completion, the tests."""
+def program_for(problem: Problem, completion: str) -> Program:
+    """What one completion runs: the prompt and the completion, with the problem's tests apart from
+    them (or, where the problem's tests need the program's own objects, after them)."""
+    if problem.isolation == "separate":
+        return Program(problem.prompt + completion, problem.test_code)
+    return Program(problem.program(completion))
+
+
+def programs_for(problems: Sequence[Problem], samples: Sequence[Sample], source: str) -> list[Program]:
+    """What each sample runs (`program_for`)."""
     by_id = {problem.task_id: problem for problem in problems}
     programs = []
     for number, sample in enumerate(samples, start=1):
@@ -57,14 +68,14 @@ def programs_for(problems: Sequence[Problem], samples: Sequence[Sample], source:
             raise ArtifactError(
                 f"{source}: sample {number} is for task {sample.task_id!r}, not in the task set"
             )
-        programs.append(problem.program(sample.completion))
+        programs.append(program_for(problem, sample.completion))
     return programs
 
 
 def execute_samples(
     pool: SandboxPool,
     samples: Sequence[Sample],
-    programs: Sequence[str],
+    programs: Sequence[Program],
     settings: ExecuteConfig,
     console: Console | None = None,
 ) -> list[Execution]:
@@ -86,7 +97,10 @@ def execute_samples(
             progress.update(bar, advance=1, rate=done / max(time.monotonic() - started, 1e-9))
 
         results = run_programs(pool, programs, on_result=advance)
-    return [to_execution(sample, result, settings) for sample, result in zip(samples, results, strict=True)]
+    return [
+        to_execution(sample, result, settings, "in_process" if program.tests is None else "separate")
+        for sample, program, result in zip(samples, programs, results, strict=True)
+    ]
 
 
 def run_stage(

@@ -19,6 +19,10 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Where a problem's tests run: apart from the program (what a forged pass cannot reach) or in its process.
+Isolation = Literal["separate", "in_process"]
+
+
 class Problem(Record):
     """One programming problem, normalised from any source (MBPP, HumanEval, custom)."""
 
@@ -37,6 +41,11 @@ class Problem(Record):
     strip_own_tests: bool = Field(
         default=False,
         description="Remove the model's own test code from completions (`leti.tasks.own_tests`; a departure).",
+    )
+    isolation: Isolation = Field(
+        default="separate",
+        description="separate: the tests run in a process of their own, which the program cannot reach; "
+        "in_process: in the program's process, for tests that build the program's own objects (docs/sandbox.md).",
     )
 
     def program(self, completion: str) -> str:
@@ -89,6 +98,9 @@ class Execution(Record):
     stdout_tail: str = ""
     stderr_tail: str = ""
     duration_s: NonNegativeFloat
+    isolation: Isolation = Field(
+        default="in_process", description="Where the tests ran (records from before the field: in_process)."
+    )
 
 
 class SandboxImage(Record):

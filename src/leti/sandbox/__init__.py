@@ -8,9 +8,9 @@ from pathlib import Path
 
 from leti.config import ExecuteConfig
 from leti.records import SandboxImage
-from leti.sandbox.base import RunResult, SandboxError, SandboxPool, run_programs
+from leti.sandbox.base import Program, RunResult, SandboxError, SandboxPool, run_programs
 
-__all__ = ["RunResult", "SandboxError", "SandboxPool", "open_pool", "run_programs"]
+__all__ = ["Program", "RunResult", "SandboxError", "SandboxPool", "open_pool", "run_programs"]
 
 
 def open_pool(

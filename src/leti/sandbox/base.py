@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,6 +38,14 @@ class SandboxError(LetiError):
 
 class ChannelError(Exception):
     """The connection to one dispatcher broke or went silent; that sandbox is discarded."""
+
+
+class Program(NamedTuple):
+    """What one run executes: `source`, and `tests` to run against it in a process of their own
+    (`isolation: separate`); without tests, `source` runs alone, its tests included if it has any."""
+
+    source: str
+    tests: str | None = None
 
 
 class RunResult(BaseModel):
@@ -147,9 +156,12 @@ class Sandbox(ABC):
         if hello.get("hello") != dispatcher.PROTOCOL:
             raise ChannelError(f"the dispatcher speaks another protocol: {hello}")
 
-    def run(self, program: str, timeout: float) -> RunResult:
+    def run(self, program: Program, timeout: float) -> RunResult:
         self.used += 1
-        self.channel.send({"program": program})
+        request = {"program": program.source}
+        if program.tests is not None:
+            request["tests"] = program.tests
+        self.channel.send(request)
         answer = self.channel.receive(timeout)
         try:
             return RunResult.model_validate(answer)
@@ -204,8 +216,10 @@ class SandboxPool(ABC):
     ) -> None:
         self.close()
 
-    def run(self, program: str) -> RunResult:
+    def run(self, program: str | Program) -> RunResult:
         """Run one program; thread-safe, at most `size` at a time make progress."""
+        if isinstance(program, str):
+            program = Program(program)
         if self._closed:
             raise SandboxError("the sandbox pool is closed")
         index, sandbox = self._idle.get()
@@ -271,7 +285,7 @@ class SandboxPool(ABC):
 
 
 def run_programs(
-    pool: SandboxPool, programs: Sequence[str], on_result: Callable[[RunResult], None] | None = None
+    pool: SandboxPool, programs: Sequence[str | Program], on_result: Callable[[RunResult], None] | None = None
 ) -> list[RunResult]:
     """Run every program on the pool, `pool.size` at a time; results in input order."""
     results: list[RunResult | None] = [None] * len(programs)

@@ -9,6 +9,8 @@ are read unchanged from PlusLabNLP/GENEVA at a pinned commit.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from leti.errors import LetiError
 from leti.io import atomic_path, file_sha256, iter_jsonl
-from leti.records import Problem
+from leti.records import Isolation, Problem
 from leti.tasks.eae.source import load_eae
 
 # The canonical MBPP file at a fixed commit, so every download is the same bytes.
@@ -78,6 +80,22 @@ class CustomRow(BaseModel):
     test_code: str
     entry_point: str | None = None
     reference_solution: str | None = None
+    isolation: Isolation = "separate"
+
+
+# The shipped problems whose tests must run in the program's process, each with why: their tests
+# build objects of the program's own classes, which cannot cross to a process of their own
+# (bench/isolation_census.py finds them). A rule input, so that a change prepares the tasks again.
+IN_PROCESS_PATH = Path(__file__).with_name("in_process.json")
+
+
+@functools.cache
+def in_process_task_ids() -> frozenset[str]:
+    return frozenset(json.loads(IN_PROCESS_PATH.read_text()))
+
+
+def isolation_of(task_id: str) -> Isolation:
+    return "in_process" if task_id in in_process_task_ids() else "separate"
 
 
 def mbpp_prompt(row: MbppRow) -> str:
@@ -98,6 +116,7 @@ def mbpp_problem(row: MbppRow, split: str) -> Problem:
         test_code=_unix_newlines("\n".join(test_lines)),
         reference_solution=_unix_newlines(row.code),
         stop_sequences=MBPP_STOP_SEQUENCES,
+        isolation=isolation_of(f"MBPP/{row.task_id}"),
     )
 
 
@@ -121,6 +140,7 @@ def mbpp_heldout(path: str | os.PathLike[str], rollout_problems: int) -> list[Cu
             instruction=problem.prompt.removeprefix('"""\n').removesuffix('\n"""'),
             test_code=problem.test_code,
             reference_solution=problem.reference_solution,
+            isolation=problem.isolation,
         )
         for problem in problems
     ]
@@ -167,6 +187,7 @@ def load_custom(path: str | os.PathLike[str], dataset: str, split: str) -> list[
                 entry_point=row.entry_point,
                 reference_solution=row.reference_solution,
                 stop_sequences=MBPP_STOP_SEQUENCES,
+                isolation=row.isolation,
             )
         )
     duplicates = _duplicates(problem.task_id for problem in problems)
