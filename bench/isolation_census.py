@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from leti.config import MBPP_SPLITS, ExecuteConfig
+from leti.execute import program_for
 from leti.records import Problem
 from leti.sandbox import Program, RunResult, open_pool, run_programs
 from leti.sandbox.feedback import feedback_text
@@ -76,7 +77,8 @@ def main() -> None:
         for name, problems in task_sets().items():
             joined = [Program(problem.program(gold_completion(problem))) for problem in problems]
             split = [
-                Program(problem.prompt + gold_completion(problem), problem.test_code) for problem in problems
+                program_for(problem.model_copy(update={"isolation": "separate"}), gold_completion(problem))
+                for problem in problems
             ]
             started = time.monotonic()
             before = run_programs(pool, joined)

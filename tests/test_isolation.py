@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from leti.execute import builtins_defined, program_for
+from leti.records import Problem
+
 DISPATCHER = REPO / "src" / "leti" / "sandbox" / "dispatcher.py"
 # What differs between any two runs, however the tests ran.
 RUN_FIELDS = ("duration_s", "cpu_s", "scratch")
@@ -40,9 +43,11 @@ class Dispatcher:
         assert self.process.stdout is not None
         assert json.loads(self.process.stdout.readline())["hello"] == 2
 
-    def run(self, source: str, tests: str | None = None) -> dict:
+    def run(self, source: str, tests: str | None = None, own_builtins: tuple[str, ...] = ()) -> dict:
         assert self.process.stdin is not None and self.process.stdout is not None
-        request = {"program": source} if tests is None else {"program": source, "tests": tests}
+        request: dict = {"program": source}
+        if tests is not None:
+            request.update(tests=tests, own_builtins=list(own_builtins))
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         result = json.loads(self.process.stdout.readline())
@@ -211,3 +216,28 @@ def test_the_tests_never_run_the_programs_code(dispatcher: Dispatcher) -> None:
 def test_a_program_that_breaks_the_harness_in_its_own_process_fails(dispatcher: Dispatcher) -> None:
     result = dispatcher.run(ADD + "import builtins\nbuiltins.len = None\n", "assert add(1, 2) == 3\n")
     assert (result["status"], result["exception_type"]) == ("failed", "HarnessError")
+
+
+def test_the_tests_take_a_builtins_name_from_the_program_only_where_the_problem_gives_it() -> None:
+    problem = Problem(
+        task_id="MBPP/126-like",
+        dataset="mbpp",
+        split="test",
+        prompt='"""\nWrite a python function to find the sum of common divisors of two given numbers.\n"""',
+        test_code="assert sum(10, 15) == 6\nassert abs(-1) == 1\n",
+        reference_solution="def sum(a, b):\n    return 6\n",
+    )
+    assert builtins_defined(problem) == ("sum",)
+    program = program_for(problem, "\ndef sum(a, b):\n    return 6\nabs = lambda value: 0\n")
+    assert program.own_builtins == ("sum",)
+
+
+def test_a_program_defines_for_its_tests_only_the_builtins_the_problem_gives_it(
+    dispatcher: Dispatcher,
+) -> None:
+    source = "def sum(a, b):\n    return 6\nabs = lambda value: -1\n"
+    tests = "assert sum(10, 15) == 6\nassert abs(-1) == 1\n"
+    assert dispatcher.run(source, tests, own_builtins=("sum",))["status"] == "passed"
+    # Without it, the tests' sum is the builtin one, and sum(10, 15) is an error.
+    result = dispatcher.run(source, tests)
+    assert (result["status"], result["exception_type"]) == ("failed", "TypeError")

@@ -216,6 +216,8 @@ fake = types.ModuleType("math")
 fake.isclose = lambda *args, **kwargs: True
 sys.modules["math"] = fake
 """,
+    # A global named like a builtin the tests use: in one module, the tests would call it.
+    "defines_a_builtin_for_its_tests": WRONG_ADD + "abs = lambda value: 0\n",
     "replaces_a_builtin": WRONG_ADD
     + """
 import builtins
@@ -227,6 +229,7 @@ builtins.abs = lambda value: 0
 CASE_TESTS: dict[str, str] = {
     "replaces_a_module_in_sys_modules": "import math\nassert math.isclose(add(1, 2), 3)\n",
     "replaces_a_builtin": "assert abs(add(1, 2) - 4) < 1e-9\n",
+    "defines_a_builtin_for_its_tests": "assert abs(add(1, 2) - 4) < 1e-9\n",
     "returns_an_always_equal_always_hashing_subclass": "assert add(1, 2) == 4\nassert add(1, 2) in {4}\n",
 }
 
@@ -240,6 +243,7 @@ FORGES_IN_PROCESS = {
     "returns_an_always_equal_always_hashing_subclass",
     "replaces_a_module_in_sys_modules",
     "replaces_a_builtin",
+    "defines_a_builtin_for_its_tests",
 }
 
 

@@ -3,6 +3,8 @@ becomes one Execution record, written in the order of the samples."""
 
 from __future__ import annotations
 
+import ast
+import builtins
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -50,17 +52,42 @@ def to_execution(
     )
 
 
-def program_for(problem: Problem, completion: str) -> Program:
+def program_for(problem: Problem, completion: str, own_builtins: tuple[str, ...] | None = None) -> Program:
     """What one completion runs: the prompt and the completion, with the problem's tests apart from
-    them (or, where the problem's tests need the program's own objects, after them)."""
-    if problem.isolation == "separate":
-        return Program(problem.prompt + completion, problem.test_code)
-    return Program(problem.program(completion))
+    them (or, where the problem's tests need the program's own objects, after them).
+    `own_builtins`: `builtins_defined(problem)`, when already known."""
+    if problem.isolation == "in_process":
+        return Program(problem.program(completion))
+    if own_builtins is None:
+        own_builtins = builtins_defined(problem)
+    return Program(problem.prompt + completion, problem.test_code, own_builtins)
+
+
+def builtins_defined(problem: Problem) -> tuple[str, ...]:
+    """The builtins' names that the problem itself gives the program to define: its entry point, and
+    the top-level names of its prompt and reference solution (MBPP/126's function is `sum`). The tests
+    take no other such name from the program, so a program cannot define `abs` or `sorted` for them."""
+    names = {problem.entry_point} if problem.entry_point else set()
+    separator = "" if problem.prompt.endswith("\n") else "\n"
+    try:
+        tree = ast.parse(problem.prompt + separator + (problem.reference_solution or ""))
+    except SyntaxError:
+        tree = ast.Module(body=[], type_ignores=[])
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
+    return tuple(sorted(names & BUILTIN_NAMES))
+
+
+BUILTIN_NAMES = frozenset(dir(builtins))
 
 
 def programs_for(problems: Sequence[Problem], samples: Sequence[Sample], source: str) -> list[Program]:
     """What each sample runs (`program_for`)."""
     by_id = {problem.task_id: problem for problem in problems}
+    own_builtins: dict[str, tuple[str, ...]] = {}
     programs = []
     for number, sample in enumerate(samples, start=1):
         problem = by_id.get(sample.task_id)
@@ -68,7 +95,9 @@ def programs_for(problems: Sequence[Problem], samples: Sequence[Sample], source:
             raise ArtifactError(
                 f"{source}: sample {number} is for task {sample.task_id!r}, not in the task set"
             )
-        programs.append(program_for(problem, sample.completion))
+        if problem.task_id not in own_builtins:
+            own_builtins[problem.task_id] = builtins_defined(problem)
+        programs.append(program_for(problem, sample.completion, own_builtins[problem.task_id]))
     return programs
 
 

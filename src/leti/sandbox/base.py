@@ -42,10 +42,13 @@ class ChannelError(Exception):
 
 class Program(NamedTuple):
     """What one run executes: `source`, and `tests` to run against it in a process of their own
-    (`isolation: separate`); without tests, `source` runs alone, its tests included if it has any."""
+    (`isolation: separate`); without tests, `source` runs alone, its tests included if it has any.
+    `own_builtins`: names of builtins the tests take from the program (a problem whose function is
+    called `sum`); any other global of the program named like a builtin is not the tests'."""
 
     source: str
     tests: str | None = None
+    own_builtins: tuple[str, ...] = ()
 
 
 class RunResult(BaseModel):
@@ -158,9 +161,9 @@ class Sandbox(ABC):
 
     def run(self, program: Program, timeout: float) -> RunResult:
         self.used += 1
-        request = {"program": program.source}
+        request: dict = {"program": program.source}
         if program.tests is not None:
-            request["tests"] = program.tests
+            request.update(tests=program.tests, own_builtins=list(program.own_builtins))
         self.channel.send(request)
         answer = self.channel.receive(timeout)
         try:

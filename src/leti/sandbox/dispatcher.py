@@ -94,6 +94,7 @@ _extract_tb = traceback.extract_tb
 _TracebackException = traceback.TracebackException
 _display = sys.__excepthook__
 _RECURSION_LIMIT = sys.getrecursionlimit()
+_BUILTIN_NAMES = frozenset(dir(builtins))
 
 
 class HostGone(Exception):
@@ -691,13 +692,21 @@ def _builtin_bases(kind: type) -> list[str]:
 
 
 def _tests_child(
-    source: str, tests: str, limits: Limits, out_w: int, err_w: int, result_w: int, calls_r: int, token: str
+    source: str,
+    tests: str,
+    own_builtins: frozenset,
+    limits: Limits,
+    out_w: int,
+    err_w: int,
+    result_w: int,
+    calls_r: int,
+    token: str,
 ) -> None:
     _enter_sandbox(limits, out_w, err_w, {result_w: RESULT_FD, calls_r: CALLS_FD}, "/")
     # Only the interpreter's own, read-only folders: the program may write modules anywhere else.
     sys.path[:] = [entry for entry in sys.path[1:] if entry and not os.access(entry, os.W_OK)]
     main = _as_main(_joined(source, tests))
-    result = _run_tests(source, tests, main, _Calls(CALLS_FD))
+    result = _run_tests(source, tests, own_builtins, main, _Calls(CALLS_FD))
     result["token"] = token
     _flush_output()
     _write_all(RESULT_FD, _dumps(result).encode())
@@ -810,9 +819,10 @@ def _remote_exception(description, bases) -> BaseException:
     return error
 
 
-def _namespace(listing, program: _Program, tests_code) -> dict:
+def _namespace(listing, program: _Program, tests_code, own_builtins: frozenset) -> dict:
     """The tests' globals: the program's names, as calls into it, copies of its values, the same
-    modules imported afresh, and inert stand-ins for the rest."""
+    modules imported afresh, and inert stand-ins for the rest; but not its names of builtins other
+    than `own_builtins`: a program that defines `abs` or `sorted` does not define them for its tests."""
     if not isinstance(listing, list):
         raise _Corrupted("a listing the harness did not write")
     referenced = _names_in(tests_code)
@@ -826,6 +836,8 @@ def _namespace(listing, program: _Program, tests_code) -> dict:
         ):
             raise _Corrupted("a listing the harness did not write")
         name, kind, detail = entry
+        if name in _BUILTIN_NAMES and name not in own_builtins:
+            continue
         if kind == "function":
             namespace[name] = _Remote(program, {"name": name}, str(detail))
         elif kind == "module" and name in referenced:
@@ -854,7 +866,9 @@ def _names_in(code: types.CodeType) -> set[str]:
     return names
 
 
-def _run_tests(source: str, tests: str, main: types.ModuleType, calls: _Calls) -> dict:
+def _run_tests(
+    source: str, tests: str, own_builtins: frozenset, main: types.ModuleType, calls: _Calls
+) -> dict:
     """The tests' outcome, decided here, where nothing of the program runs."""
     program = _Program(calls)
     try:
@@ -865,7 +879,7 @@ def _run_tests(source: str, tests: str, main: types.ModuleType, calls: _Calls) -
             return _checked(first["module_error"])
         # Padded so that the tests' lines keep their numbers in the joined program.
         code = compile("\n" * (source.count("\n") + 1) + tests, PROGRAM_NAME, "exec", dont_inherit=True)
-        main.__dict__.update(_namespace(first.get("ready"), program, code))
+        main.__dict__.update(_namespace(first.get("ready"), program, code, own_builtins))
     except _Corrupted:
         return {"outcome": "harness_error"}
     _give_script_headroom()
@@ -1010,10 +1024,13 @@ def run_program(source: str, limits: Limits) -> dict:
     return run.report(verdict, limits)
 
 
-def run_tested_program(source: str, tests: str, limits: Limits) -> dict:
+def run_tested_program(
+    source: str, tests: str, limits: Limits, own_builtins: frozenset = frozenset()
+) -> dict:
     """A program and its tests in two processes (`isolation: separate`): the program's process
     runs `source` and answers calls; the tests' process, which never runs the program's code,
-    runs `tests` against the program's functions and alone writes the verdict."""
+    runs `tests` against the program's functions and alone writes the verdict. Of the program's
+    globals named like builtins, the tests take only those in `own_builtins`."""
     token = os.urandom(16).hex()
 
     def launch(out_w: int, err_w: int, result_w: int) -> list[int]:
@@ -1026,7 +1043,9 @@ def run_tested_program(source: str, tests: str, limits: Limits) -> dict:
             )
             try:
                 tests_pid = _fork(
-                    lambda: _tests_child(source, tests, limits, out_w, err_w, result_w, tests_end, token),
+                    lambda: _tests_child(
+                        source, tests, own_builtins, limits, out_w, err_w, result_w, tests_end, token
+                    ),
                     close=(program_end,),
                 )
             except OSError:
@@ -1428,14 +1447,19 @@ def serve(limits: Limits) -> None:
         try:
             request = json.loads(line)
             program, tests = request["program"], request.get("tests")
+            own_builtins = request.get("own_builtins", [])
             if not isinstance(program, str) or not isinstance(tests, (str, type(None))):
                 raise TypeError("program and tests must be strings")
+            if not (isinstance(own_builtins, list) and all(isinstance(name, str) for name in own_builtins)):
+                raise TypeError("own_builtins must be a list of names")
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             _send(_failure("sandbox_error", "SandboxError", f"bad request: {error}"))
             continue
         try:
             answer = (
-                run_program(program, limits) if tests is None else run_tested_program(program, tests, limits)
+                run_program(program, limits)
+                if tests is None
+                else run_tested_program(program, tests, limits, frozenset(own_builtins))
             )
         except HostGone:
             return
